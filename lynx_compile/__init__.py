@@ -1,0 +1,24 @@
+"""lynx-compile: batch-aware MoE expert selection as a torch.compile backend.
+
+    model.forward = torch.compile(model.forward, backend="lynx")
+
+Public API: ``select_experts``, ``LynxOptions``, ``last_report``, ``capture_routing``,
+``lynx_backend``.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
+from .backend import lynx_backend
+from .capture import capture_routing
+from .options import LynxOptions
+from .report import LynxReport, last_report
+from .selector import select_experts
+
+__all__ = [
+    "LynxOptions",
+    "LynxReport",
+    "capture_routing",
+    "last_report",
+    "lynx_backend",
+    "select_experts",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""Options of the lynx backend: ``torch.compile(m, backend="lynx", options={...})``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICIES = ("lynx", "off")
+COMPILERS = ("inductor", "eager")
+NO_CLAMP = "none"  # beta value meaning "no clamp"; beta=None means "the model's default"
+DUMP_DIR_ENV = "LYNX_DUMP_DIR"
+
+_DOCS = {
+    "policy": f"one of {POLICIES}: 'lynx' runs the batch-aware selector in decode steps, "
+    "'off' keeps plain top-k routing (lynx's experts op and Inductor only)",
+    "alpha": "a number > 0 (bins are 1/alpha logits wide), or None for the model's default",
+    "beta": f"an int >= 1 (deepest bin), {NO_CLAMP!r} for no clamp, or None for the model's default",
+    "decode_only": "True: re-route only in decode steps (one new token per sequence, >= 2 "
+    "tokens); False: also in prefill",
+    "dump_dir": f"a directory for graph dumps, or None (environment: {DUMP_DIR_ENV})",
+    "compiler": f"one of {COMPILERS}: what runs the rewritten graph; 'eager' skips Inductor "
+    "(debugging, graph tests)",
+}
+
+
+@dataclass(frozen=True)
+class LynxOptions:
+    policy: str = "lynx"
+    alpha: float | None = None
+    beta: int | str | None = None
+    decode_only: bool = True
+    dump_dir: str | None = None
+    compiler: str = "inductor"
+
+    def __post_init__(self):
+        def bad(name: str, value: object) -> ValueError:
+            return ValueError(f"invalid lynx option {name}={value!r}: expected {_DOCS[name]}")
+
+        if self.policy not in POLICIES:
+            raise bad("policy", self.policy)
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
+        ):
+            raise bad("alpha", self.alpha)
+        if self.beta is not None and self.beta != NO_CLAMP and (
+            isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1
+        ):
+            raise bad("beta", self.beta)
+        if not isinstance(self.decode_only, bool):
+            raise bad("decode_only", self.decode_only)
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise bad("dump_dir", self.dump_dir)
+        if self.compiler not in COMPILERS:
+            raise bad("compiler", self.compiler)
+        if self.dump_dir is not None:
+            object.__setattr__(self, "dump_dir", str(Path(self.dump_dir)))
+
+    @classmethod
+    def from_user(cls, options: Mapping | LynxOptions | None) -> LynxOptions:
+        """Validate what a user passed as ``options=``; unknown keys raise ``ValueError``."""
+        if isinstance(options, LynxOptions):
+            return options
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"lynx options must be a dict or LynxOptions, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ValueError(f"unknown lynx option {key!r}; valid options: {', '.join(valid)}")
+        values = dict(options)
+        if values.get("dump_dir") is None and os.environ.get(DUMP_DIR_ENV):
+            values["dump_dir"] = os.environ[DUMP_DIR_ENV]
+        return cls(**values)
+
+    @staticmethod
+    def describe() -> str:
+        return "\n".join(f"  {name}: {doc}" for name, doc in _DOCS.items())

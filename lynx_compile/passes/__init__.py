@@ -1,0 +1,73 @@
+"""The lynx graph pass: find MoE layers in a dynamo FX graph and rewrite them.
+
+For every ``topk`` in the graph: match a router pattern (``routers.py``), then the experts
+dispatch it feeds (``dispatch.py``). A layer is rewritten only when both match; everything
+else is left exactly as it was and reported with the reason.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from ..options import LynxOptions
+from ..report import LynxReport, MatchedLayer, UnmatchedCandidate
+from ..settings import resolve_settings
+from .dispatch import match_dispatch
+from .graph_utils import common_module, module_path, op_kind
+from .rewrite import replace_dispatch, replace_router
+from .routers import RouterMatch, match_router
+
+
+def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = "") -> LynxReport:
+    """Rewrite every recognised MoE layer of ``gm`` in place; return what was done."""
+    report = LynxReport(graph=graph_name)
+    graph = gm.graph
+    for topk in [n for n in graph.nodes if op_kind(n) == "topk"]:
+        router = match_router(topk)
+        if isinstance(router, str):
+            report.unmatched.append(UnmatchedCandidate(module_path(topk), topk.name, f"router not recognised ({router})"))
+            continue
+        dispatch = match_dispatch(graph, router)
+        if isinstance(dispatch, str):
+            report.unmatched.append(UnmatchedCandidate(
+                router.module, topk.name, f"router {router.pattern} matched, experts dispatch not recognised ({dispatch})"
+            ))
+            continue
+        settings = resolve_settings(options.alpha, options.beta, router.top_k, router.num_experts)
+        replace_dispatch(graph, dispatch)
+        if options.policy == "lynx":
+            replace_router(graph, router, settings, options.decode_only)
+        report.matched.append(_matched_layer(router, dispatch, options, settings))
+
+    for node in graph.nodes:
+        if op_kind(node) == "grouped_mm":
+            report.unmatched.append(UnmatchedCandidate(
+                module_path(node), node.name, "grouped GEMM not fed by a recognised router"
+            ))
+    if report.matched:
+        graph.lint()
+        gm.recompile()
+    return report
+
+
+def _matched_layer(router: RouterMatch, dispatch, options: LynxOptions, settings) -> MatchedLayer:
+    block = common_module([router.module, dispatch.module])
+    on = options.policy == "lynx"
+    return MatchedLayer(
+        module=block,
+        block=router.modules.get(block, ""),
+        num_experts=router.num_experts,
+        top_k=router.top_k,
+        router=router.pattern,
+        renormalize=router.renormalize,
+        dispatch=dispatch.pattern,
+        layout=dispatch.layout,
+        activation=dispatch.activation,
+        policy=options.policy,
+        alpha=settings.alpha if on else None,
+        beta=settings.beta if on else None,
+        settings=settings.source if on else "-",
+    )
+
+
+__all__ = ["rewrite_moe_layers"]

@@ -1,0 +1,66 @@
+"""Graph surgery: put the lynx ops where a matched router and experts dispatch were."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, Node
+from torch.fx.node import map_arg
+
+from .. import ops  # noqa: F401  (registers torch.ops.lynx)
+from ..settings import SelectorSettings
+from .dispatch import DispatchMatch
+from .graph_utils import erase_nodes, example_value
+from .routers import RouterMatch
+
+
+def _call(graph: Graph, target, args: tuple, like: Node) -> Node:
+    """Insert ``target(*args)`` with ``like``'s source metadata and a fake example value."""
+    node = graph.call_function(target, args)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    fake_args = map_arg(args, example_value)
+    fake_mode = next(
+        (v.fake_mode for v in torch.utils._pytree.tree_leaves(fake_args) if hasattr(v, "fake_mode")),
+        None,
+    )
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["example_value"] = target(*fake_args)
+    return node
+
+
+def replace_dispatch(graph: Graph, match: DispatchMatch) -> Node:
+    with graph.inserting_before(match.output):
+        node = _call(
+            graph,
+            torch.ops.lynx.grouped_experts.default,
+            (match.hidden, match.ids, match.weights, match.gate_up, match.down,
+             match.activation, match.layout),
+            like=match.output,
+        )
+    match.output.replace_all_uses_with(node)
+    erase_nodes(graph, match.region)
+    return node
+
+
+def replace_router(graph: Graph, match: RouterMatch, settings: SelectorSettings, decode_only: bool) -> Node:
+    seq_len = example_value(match.layer_input).shape[1]
+    with graph.inserting_before(match.topk):
+        if not isinstance(seq_len, int):  # dynamic sequence length: read it at run time
+            seq_len = _call(graph, torch.ops.aten.sym_size.int, (match.layer_input, 1), like=match.topk)
+        select = _call(
+            graph,
+            torch.ops.lynx.select_experts.default,
+            (match.logits, match.top_k, seq_len, settings.alpha, settings.beta,
+             match.renormalize, decode_only),
+            like=match.topk,
+        )
+        weights = _call(graph, operator.getitem, (select, 0), like=match.topk)
+        ids = _call(graph, operator.getitem, (select, 1), like=match.topk)
+    match.weights.replace_all_uses_with(weights)
+    match.ids.replace_all_uses_with(ids)
+    erase_nodes(graph, match.nodes)
+    return select

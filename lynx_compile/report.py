@@ -1,0 +1,81 @@
+"""What a lynx compilation did: the MoE layers it rewrote and the candidates it left alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MatchedLayer:
+    module: str  # the MoE block, e.g. model.layers.3.mlp
+    block: str  # its class name
+    num_experts: int
+    top_k: int
+    router: str  # router pattern name
+    renormalize: bool
+    dispatch: str  # experts dispatch pattern name
+    layout: str
+    activation: str
+    policy: str
+    alpha: float | None
+    beta: int | None
+    settings: str  # where alpha/beta came from
+
+
+@dataclass
+class UnmatchedCandidate:
+    module: str
+    node: str  # the graph node the candidate was found at
+    reason: str
+
+
+@dataclass
+class LynxReport:
+    graph: str = ""
+    matched: list[MatchedLayer] = field(default_factory=list)
+    unmatched: list[UnmatchedCandidate] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [f"# lynx report: {self.graph}", "", f"## Rewritten MoE layers ({len(self.matched)})", ""]
+        if self.matched:
+            cols = ["module", "block", "num_experts", "top_k", "router", "renormalize", "dispatch",
+                    "layout", "activation", "policy", "alpha", "beta", "settings"]
+            lines += _table(cols, [[getattr(m, c) for c in cols] for m in self.matched])
+        lines += ["", f"## Left unchanged ({len(self.unmatched)})", ""]
+        if self.unmatched:
+            lines += _table(["module", "node", "reason"],
+                            [[u.module, u.node, u.reason] for u in self.unmatched])
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _table(cols: list[str], rows: list[list]) -> list[str]:
+    def cell(v):
+        return "none" if v is None else str(v).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return out
+
+
+_last: LynxReport | None = None
+
+
+def set_last_report(report: LynxReport) -> None:
+    global _last
+    _last = report
+
+
+def last_report() -> LynxReport | None:
+    """The report of the most recent lynx compilation in this process (None before any)."""
+    return _last
