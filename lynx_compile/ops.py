@@ -7,11 +7,13 @@ implementation), so a compiled graph calls them like any fallback kernel.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import capture
 from .kernels.experts_cpu import grouped_experts_cpu
-from .kernels.experts_ref import ACTIVATIONS, LAYOUTS, grouped_experts_reference
+from .kernels.experts_ref import check_experts_args, grouped_experts_reference
 from .selector import batch_aware_topk, softmax_topk_weights, topk_ids
 
 
@@ -35,12 +37,20 @@ def select_experts_op(
     ``seq_len`` is the sequence length of the layer input, read from the graph (a prefill
     of 16 tokens and a decode step of 16 sequences have the same token count).
     """
+    return _route(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only, _batch_aware_torch)
+
+
+def _batch_aware_torch(logits, top_k, alpha, beta, renormalize):
+    ids = batch_aware_topk(logits, top_k, alpha, beta)
+    return softmax_topk_weights(logits, ids, top_k, renormalize), ids
+
+
+def _route(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only, batch_aware):
     logits = router_logits.float()
     num_tokens = logits.shape[0]
     rerouted = num_tokens >= 2 and (not decode_only or is_decode_step(num_tokens, seq_len))
     if rerouted:
-        ids = batch_aware_topk(logits, top_k, alpha, beta)
-        weights = softmax_topk_weights(logits, ids, top_k, renormalize)
+        weights, ids = batch_aware(logits, top_k, alpha, beta, renormalize)
     else:
         # Plain routing with the model's own ops, so prefill numerics are unchanged.
         probs = torch.softmax(logits, dim=-1)
@@ -49,6 +59,13 @@ def select_experts_op(
             weights = weights / weights.sum(dim=-1, keepdim=True)
     capture.record_routing(logits, seq_len, ids, weights, rerouted)
     return weights, ids
+
+
+@select_experts_op.register_kernel("cuda")
+def _(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only):
+    kernels = _cuda_kernels()
+    batch_aware = kernels.select_experts_triton if kernels else _batch_aware_torch
+    return _route(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only, batch_aware)
 
 
 @select_experts_op.register_fake
@@ -64,30 +81,53 @@ def grouped_experts_op(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
     activation: str,
     layout: str,
+    activation_args: list[float],
 ) -> torch.Tensor:
-    """``sum_j w[t, j] * expert_{ids[t, j]}(hidden[t])`` for gated-MLP experts.
+    """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``.
 
-    ``layout`` names how ``gate_up`` / ``down`` are stored (see ``experts_ref.LAYOUTS``);
-    ``activation`` the gate's activation. Output has ``hidden``'s dtype and shape.
-    This default implementation serves devices without a specialised kernel.
+    Gated-MLP experts stored as ``layout`` describes (``kernels/experts_ref.py``). Output has
+    ``hidden``'s dtype and shape. This default implementation serves devices without a
+    specialised kernel.
     """
     capture.record_dispatch(topk_ids)
-    return grouped_experts_reference(hidden, topk_ids, topk_weights, gate_up, down, activation, layout)
+    return grouped_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up,
+                                     b_gate_up, b_down, activation, layout, activation_args)
 
 
 @grouped_experts_op.register_kernel("cpu")
-def _(hidden, topk_ids, topk_weights, gate_up, down, activation, layout):
-    return grouped_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, activation, layout)
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
+    capture.record_dispatch(topk_ids)
+    return grouped_experts_cpu(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up,
+                               b_down, activation, layout, activation_args)
+
+
+@grouped_experts_op.register_kernel("cuda")
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
+    capture.record_dispatch(topk_ids)
+    kernels = _cuda_kernels()
+    run = kernels.grouped_experts_triton if kernels else grouped_experts_reference
+    return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+               activation, layout, activation_args)
+
+
+@functools.cache
+def _cuda_kernels():
+    """The Triton kernels module, or None where Triton is not installed."""
+    try:
+        from .kernels import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
 
 
 @grouped_experts_op.register_fake
-def _(hidden, topk_ids, topk_weights, gate_up, down, activation, layout):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown experts layout {layout!r}; valid: {sorted(LAYOUTS)}")
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
+    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
     return torch.empty_like(hidden)

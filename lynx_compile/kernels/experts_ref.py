@@ -2,6 +2,16 @@
 
 Every experts kernel (CPU, Triton) is tested against this. It gathers one weight matrix per
 (token, slot), so it reads T*k matrices: fine for tests, never for speed.
+
+Layouts (how the expert weights are stored):
+  gate_up_concat         transformers' default: w_gate_up [E, 2I, H] (gate rows, then up
+                         rows) and w_down [E, H, I], both nn.Linear layout (y = x @ W.T).
+  gate_up_interleaved_t  GPT-OSS: w_gate_up [E, H, 2I] with gate/up in alternating columns
+                         and w_down [E, I, H] (y = x @ W), optional biases [E, 2I] / [E, H].
+  gate_up_split          gpt-fast: gate w_gate_up [E, I, H], up w_up [E, I, H], w_down [E, H, I].
+Activations: f(gate) * up for f in silu / gelu / gelu_tanh / relu, and swiglu_oai (GPT-OSS):
+  (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit),
+  with activation_args = [alpha, limit].
 """
 
 from __future__ import annotations
@@ -9,40 +19,78 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {
+LAYOUTS = ("gate_up_concat", "gate_up_interleaved_t", "gate_up_split")
+_GLU = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-
-# How expert weights are stored. gate_up_concat: transformers' fused layout,
-# gate_up [E, 2I, H] (gate rows, then up rows) and down [E, H, I] (nn.Linear layout).
-LAYOUTS = ("gate_up_concat",)
+ACTIVATIONS = (*_GLU, "swiglu_oai")
 
 
-def split_gate_up(gate_up_out: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if layout == "gate_up_concat":
-        return gate_up_out.chunk(2, dim=-1)
-    raise ValueError(f"unknown experts layout {layout!r}; valid: {list(LAYOUTS)}")
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, args: list[float]) -> torch.Tensor:
+    if activation == "swiglu_oai":
+        alpha, limit = args
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    return _GLU[activation](gate) * up
+
+
+def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown experts layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    if (activation == "swiglu_oai") != (len(args) == 2) or (activation != "swiglu_oai" and args):
+        raise ValueError(f"activation {activation!r} takes {'[alpha, limit]' if activation == 'swiglu_oai' else 'no'} activation_args, got {args}")
+    if (layout == "gate_up_split") != (w_up is not None):
+        raise ValueError(f"layout {layout!r} {'needs' if layout == 'gate_up_split' else 'takes no'} w_up")
+    if layout != "gate_up_interleaved_t" and (b_gate_up is not None or b_down is not None):
+        raise ValueError(f"layout {layout!r} takes no biases")
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``x @ W.T`` (nn.Linear layout) or ``x @ W`` (transposed); a 3-D ``w`` is one matrix per row."""
+    if w.dim() == 2:
+        return x @ w if transposed else F.linear(x, w)
+    if transposed:
+        return (x.unsqueeze(-2) @ w).squeeze(-2)
+    return (w @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def expert_mlp(x, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args):
+    """The gated MLP of one expert on rows ``x [n, H]`` (2-D weights: one GEMM per
+    projection), or of one expert per row (3-D weights ``[n, ...]``), in ``x``'s dtype."""
+    transposed = layout == "gate_up_interleaved_t"
+    gate_up = _project(x, w_gate_up, transposed)
+    if b_gate_up is not None:
+        gate_up = gate_up + b_gate_up
+    if layout == "gate_up_interleaved_t":
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    elif layout == "gate_up_split":
+        gate, up = gate_up, _project(x, w_up, transposed)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    out = _project(gated_activation(gate, up, activation, args), w_down, transposed)
+    return out + b_down if b_down is not None else out
 
 
 def grouped_experts_reference(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    activation: str,
-    layout: str,
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up=None, b_gate_up=None, b_down=None,
+    activation="silu", layout="gate_up_concat", activation_args=(),
 ) -> torch.Tensor:
-    act = ACTIVATIONS[activation]
+    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, list(activation_args))
     x = hidden.float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+
+    def pick(w, e):
+        return None if w is None else w[e].float()
+
     for slot in range(topk_ids.shape[1]):
-        expert = topk_ids[:, slot]
-        gate_up_out = torch.bmm(gate_up[expert].float(), x.unsqueeze(-1)).squeeze(-1)
-        gate, up = split_gate_up(gate_up_out, layout)
-        y = torch.bmm(down[expert].float(), (act(gate) * up).unsqueeze(-1)).squeeze(-1)
+        e = topk_ids[:, slot]
+        y = expert_mlp(x, pick(w_gate_up, e), pick(w_down, e), pick(w_up, e), pick(b_gate_up, e),
+                       pick(b_down, e), activation, layout, list(activation_args))
         out += topk_weights[:, slot, None].float() * y
     return out.to(hidden.dtype)

@@ -38,11 +38,15 @@ class DispatchMatch:
     hidden: Node  # [tokens, hidden]
     ids: Node
     weights: Node
-    gate_up: Node
-    down: Node
+    w_gate_up: Node
+    w_down: Node
     activation: str
-    layout: str
+    layout: str  # see kernels/experts_ref.py
     module: str
+    w_up: Node | None = None
+    b_gate_up: Node | None = None
+    b_down: Node | None = None
+    activation_args: tuple[float, ...] = ()
 
 
 DispatchPattern = Callable[[Graph, RouterMatch], "DispatchMatch | str"]
@@ -243,8 +247,8 @@ def hf_grouped_mm(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
         hidden=hidden,
         ids=ids,
         weights=weights,
-        gate_up=gate_up,
-        down=down,
+        w_gate_up=gate_up,
+        w_down=down,
         activation=activation_name(act),
         layout="gate_up_concat",
         module=module_path(first),

@@ -37,8 +37,8 @@ def replace_dispatch(graph: Graph, match: DispatchMatch) -> Node:
         node = _call(
             graph,
             torch.ops.lynx.grouped_experts.default,
-            (match.hidden, match.ids, match.weights, match.gate_up, match.down,
-             match.activation, match.layout),
+            (match.hidden, match.ids, match.weights, match.w_gate_up, match.w_down, match.w_up,
+             match.b_gate_up, match.b_down, match.activation, match.layout, list(match.activation_args)),
             like=match.output,
         )
     match.output.replace_all_uses_with(node)
