@@ -76,7 +76,7 @@ def batch_aware_topk(
 
 def topk_ids(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """Deterministic top-k: ties go to the lower expert index."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
 
 
 def softmax_topk_weights(

@@ -16,3 +16,15 @@ if os.environ.get("LYNX_TEST_CUDA") != "1":
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: no cache hits or recompile limits across tests."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .experts_ref import expert_mlp
+from .experts_ref import check_experts_args, expert_mlp
 
 
 def grouped_experts_cpu(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
     activation, layout, activation_args,
 ) -> torch.Tensor:
+    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert

@@ -21,9 +21,12 @@ from .graph_utils import (
     backward_region,
     dtype,
     escaping_nodes,
+    is_size_value,
     module_path,
     op_kind,
     region_inputs,
+    same_size,
+    same_sizes,
     shape,
     strip,
 )
@@ -98,7 +101,7 @@ def find_slot_sum(start: Node, num_tokens: int, top_k: int, limit: int = 300) ->
         seen.add(node)
         if op_kind(node) == "sum" and arg(node, 1, "dim") == 1:
             src = shape(node.args[0])
-            if src is not None and len(src) == 3 and src[:2] == (num_tokens, top_k):
+            if src is not None and len(src) == 3 and same_sizes(src[:2], (num_tokens, top_k)):
                 found.append(node)
         todo.extend(node.users)
     if not found:
@@ -121,7 +124,7 @@ def expert_region(router: RouterMatch, output: Node) -> tuple[set[Node], Node, N
     hidden = [n for n in region_inputs(region) if n in router.hidden_aliases]
     outside = [
         n for n in region_inputs(region)
-        if n not in boundary and n.op not in ("placeholder", "get_attr")
+        if n not in boundary and n.op not in ("placeholder", "get_attr") and not is_size_value(n)
     ]
     if outside:
         return f"the experts computation also reads {outside[0].name}"
@@ -220,8 +223,8 @@ def hf_grouped_mm(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     up_shape, down_shape, hidden_dim = shape(gate_up), shape(down), shape(hidden)[1]
     if (
         up_shape is None or down_shape is None or len(up_shape) != 3
-        or up_shape[0] != num_experts or up_shape[2] != hidden_dim or up_shape[1] % 2
-        or down_shape != (num_experts, hidden_dim, up_shape[1] // 2)
+        or up_shape[0] != num_experts or not same_size(up_shape[2], hidden_dim) or up_shape[1] % 2
+        or not same_sizes(down_shape, (num_experts, hidden_dim, up_shape[1] // 2))
     ):
         return f"expert weights {up_shape} / {down_shape} are not the [E, 2I, H] / [E, H, I] layout"
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # Surface forms dynamo leaves in a graph, folded into one kind name per op.
 _FUNCTION_KINDS: dict[object, str] = {
@@ -125,6 +126,20 @@ def shape(node: object) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def is_size_value(node: object) -> bool:
+    """A (symbolic) scalar from size arithmetic, such as ``s0 * s1`` in a dynamic graph."""
+    return isinstance(example_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def same_size(a, b) -> bool:
+    """Sizes equal for sure (symbolic sizes compared without adding guards)."""
+    return statically_known_true(a == b)
+
+
+def same_sizes(a: tuple | None, b: tuple) -> bool:
+    return a is not None and len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
 def dtype(node: object) -> torch.dtype | None:
     value = example_value(node)
     return value.dtype if isinstance(value, torch.Tensor) else None
@@ -212,13 +227,14 @@ def mutates(node: Node, target: Node) -> bool:
 def backward_region(output: Node, stop: Callable[[Node], bool], limit: int = 400) -> set[Node] | None:
     """Nodes ``output`` depends on, walking back until ``stop``; None past ``limit`` nodes.
 
-    A node that writes into a region node in place is part of the region too.
+    A node that writes into a region node in place is part of the region too. Size
+    arithmetic (non-tensor values, shared with the rest of a dynamic-shape graph) is not.
     """
     region: set[Node] = set()
     todo = [output]
     while todo:
         node = todo.pop()
-        if node in region or stop(node):
+        if node in region or stop(node) or is_size_value(node):
             continue
         region.add(node)
         if len(region) > limit:
