@@ -1,0 +1,172 @@
+"""Grouped gated-MLP experts in Triton, built for decode: each active expert's weights are
+read once per step. Same contract as ``experts_ref.grouped_experts_reference``.
+
+Four launches, all grids sized from shapes, no host synchronisation (CUDA-graph safe):
+  1. align    (1 program)  group the T*k (token, slot) pairs by expert into tiles of at most
+                           BLOCK_M rows of one expert (``triton_moe_align``);
+  2. gate_up  (tiles x N-tiles of I)  stream W_gate/W_up for one tile's expert, fp32
+                           accumulators, epilogue: bias, act(gate) * up, store in the
+                           weights' dtype;
+  3. down     (tiles x N-tiles of H x K-splits)  stream W_down, epilogue: bias, times the
+                           routed weight, store fp32 per (split, pair);
+  4. sum      (T x H-blocks)  out[t] = sum over slots and splits in a fixed order, cast.
+
+Why this decomposition.
+- vLLM's ``fused_moe_kernel`` sorts tokens by expert and pads every expert to BLOCK_M rows,
+  then runs one program per (BLOCK_M block, N-tile). We keep its good parts: a grid sized
+  for the worst case with early exit, the routed weight in the down epilogue, and a
+  separate deterministic sum over k instead of atomics. But vLLM computes gate and up as
+  one 2I-wide GEMM and runs the activation as a separate kernel; here act * up is fused
+  into the gate_up epilogue (each program holds matching gate and up columns), so the
+  2I-wide intermediate never reaches memory.
+- HF's decode grouped GEMM runs one program per (expert, N-tile) that walks that expert's
+  rows, so a weight tile leaves HBM once however many rows use it: the right shape for
+  decode, where an expert has 1-4 rows and the step is bandwidth-bound. We get the same
+  thing by choosing BLOCK_M >= T on the host (a token picks an expert at most once, so an
+  expert has at most T rows): at decode every active expert is exactly one tile, and the
+  grid is min(E, T*k) x N-tiles programs. Only past T > 64 (prefill) does an expert span
+  several tiles, which then degrades gracefully into vLLM's padded-block scheme instead of
+  HF's serial walk, which loses above ~32 rows per expert.
+- The down projection has only H/BLOCK_N tiles per expert; at batch 1 that is far too few
+  programs to saturate HBM (Mixtral: 2 experts x 64), so it splits K = I across programs.
+  The partial sums go through the same fp32 buffer the slot sum reads, so split-K costs no
+  atomics and stays deterministic.
+- Layouts differ only in addressing, so they are strides and an up-offset passed to one
+  kernel (the interleaved GPT-OSS layout is column stride 2, up offset 1); activation and
+  bias are constexprs. Triton specialises unit strides, so the nn.Linear layouts still get
+  vectorised loads along K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .experts_ref import check_experts_args
+from .triton_experts_config import ExpertsConfig, default_config
+from .triton_experts_gemm import GELU, GELU_TANH, RELU, SILU, SWIGLU_OAI, down_kernel, gate_up_kernel, sum_slots_kernel
+from .triton_moe_align import align_routing
+
+_ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "swiglu_oai": SWIGLU_OAI}
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Scratch buffers come from here, so tests can poison them.
+_workspace = torch.empty
+
+
+def _interpreted() -> bool:
+    return type(gate_up_kernel).__name__ == "InterpretedFunction"
+
+
+def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
+    """Sizes and strides that place every layout's weights in the kernels' (k, n) terms."""
+    num_experts = w_gate_up.shape[0]
+    s = w_gate_up.stride()
+    if layout == "gate_up_interleaved_t":  # [E, H, 2I], gate/up in alternating columns
+        hidden_size, inter_size = w_gate_up.shape[1], w_gate_up.shape[2] // 2
+        gate_up = dict(stride_gate_e=s[0], stride_up_e=s[0], up_offset=s[2], stride_w_n=2 * s[2], stride_w_k=s[1])
+        down_shape, down = (num_experts, inter_size, hidden_size), dict(stride_w_n=w_down.stride(2), stride_w_k=w_down.stride(1))
+    else:  # [E, 2I, H] gate rows then up rows, or [E, I, H] gate with a separate up
+        hidden_size = w_gate_up.shape[2]
+        inter_size = w_gate_up.shape[1] if layout == "gate_up_split" else w_gate_up.shape[1] // 2
+        up_stride_e, up_offset = (w_up.stride(0), 0) if layout == "gate_up_split" else (s[0], inter_size * s[1])
+        gate_up = dict(stride_gate_e=s[0], stride_up_e=up_stride_e, up_offset=up_offset, stride_w_n=s[1], stride_w_k=s[2])
+        down_shape, down = (num_experts, hidden_size, inter_size), dict(stride_w_n=w_down.stride(1), stride_w_k=w_down.stride(2))
+    if layout == "gate_up_split" and (w_up.shape != w_gate_up.shape or w_up.stride()[1:] != s[1:]):
+        raise ValueError(f"w_up must match w_gate_up's shape and strides, got {tuple(w_up.shape)} vs {tuple(w_gate_up.shape)}")
+    if layout != "gate_up_split" and w_gate_up.shape[-2 if layout == "gate_up_concat" else -1] % 2:
+        raise ValueError(f"layout {layout!r} needs an even gate_up width, got {tuple(w_gate_up.shape)}")
+    if tuple(w_down.shape) != down_shape:
+        raise ValueError(f"layout {layout!r}: w_down must be {down_shape}, got {tuple(w_down.shape)}")
+    if b_gate_up is not None:
+        gate_up.update(stride_bias_e=2 * inter_size, bias_up_offset=1, stride_bias_n=2)
+    else:
+        gate_up.update(stride_bias_e=0, bias_up_offset=0, stride_bias_n=0)
+    return hidden_size, inter_size, gate_up, down
+
+
+def _check_tensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, hidden_size, inter_size):
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a float [T, {hidden_size}] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32/int64 [T, k] with T = {hidden.shape[0]}, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids {tuple(topk_ids.shape)}")
+    weights = [w for w in (w_gate_up, w_down, w_up) if w is not None]
+    if w_gate_up.dtype not in _WEIGHT_DTYPES or any(w.dtype != w_gate_up.dtype for w in weights):
+        raise ValueError(f"expert weights must share one dtype of {_WEIGHT_DTYPES}, got {[w.dtype for w in weights]}")
+    num_experts = w_gate_up.shape[0]
+    if b_gate_up is not None and tuple(b_gate_up.shape) != (num_experts, 2 * inter_size):
+        raise ValueError(f"b_gate_up must be {(num_experts, 2 * inter_size)}, got {tuple(b_gate_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (num_experts, hidden_size):
+        raise ValueError(f"b_down must be {(num_experts, hidden_size)}, got {tuple(b_down.shape)}")
+    tensors = [hidden, topk_ids, topk_weights, *weights, *(b for b in (b_gate_up, b_down) if b is not None)]
+    if any(t.device != hidden.device for t in tensors):
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    if hidden.device.type != "cuda" and not _interpreted():
+        raise ValueError("grouped_experts_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+
+
+def grouped_experts_triton(
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up=None, b_gate_up=None, b_down=None,
+    activation="silu", layout="gate_up_concat", activation_args=(), *,
+    out: torch.Tensor | None = None, config: ExpertsConfig | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``, ``hidden``'s
+    dtype and shape. ``out`` (contiguous, that dtype and shape) receives the result if given."""
+    activation_args = list(activation_args)
+    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
+    hidden_size, inter_size, gate_up_geo, down_geo = _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up)
+    _check_tensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, hidden_size, inter_size)
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w_gate_up.shape[0]
+    if out is None:
+        out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    elif out.shape != hidden.shape or out.dtype != hidden.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {hidden.dtype} {tuple(hidden.shape)}, got {out.dtype} {tuple(out.shape)}")
+    if num_tokens == 0:
+        return out
+
+    interpreted = _interpreted()
+    if config is None:
+        config = default_config(num_tokens, top_k, num_experts, hidden_size, inter_size,
+                                w_gate_up.element_size(), hidden.device, interpreted)
+    config.check()
+    hidden = hidden.contiguous()
+    routed = topk_weights.contiguous()
+    routing = align_routing(topk_ids, num_experts, config.block_m, workspace=_workspace)
+    num_pairs = num_tokens * top_k
+    num_tiles = routing.tile_expert.shape[0]
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    fp32_dot = interpreted or w_gate_up.dtype == torch.float32
+    tiles = (routing.sorted_pairs, routing.tile_expert, routing.tile_start, routing.tile_end)
+
+    inter = _workspace((num_pairs, inter_size), dtype=w_gate_up.dtype, device=hidden.device)
+    act_alpha, act_limit = activation_args if activation == "swiglu_oai" else (0.0, 0.0)
+    grid = (num_tiles, -(-inter_size // config.gate_up_block_n))
+    gate_up_kernel[grid](
+        hidden, w_gate_up, w_up if w_up is not None else w_gate_up,
+        b_gate_up.contiguous() if b_gate_up is not None else w_gate_up, inter, *tiles,
+        hidden_size, inter_size, top_k, hidden.stride(0), **gate_up_geo,
+        act_alpha=float(act_alpha), act_limit=float(act_limit),
+        ACTIVATION=_ACTIVATIONS[activation], HAS_BIAS=b_gate_up is not None, FP32_DOT=fp32_dot,
+        BLOCK_M=config.block_m, BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, **launch,
+    )
+
+    k_per_split = -(-inter_size // config.split_k)
+    k_per_split = -(-k_per_split // config.down_block_k) * config.down_block_k
+    num_splits = -(-inter_size // k_per_split)
+    partial = _workspace((num_splits, num_pairs, hidden_size), dtype=torch.float32, device=hidden.device)
+    grid = (num_tiles, -(-hidden_size // config.down_block_n), num_splits)
+    down_kernel[grid](
+        inter, w_down, b_down.contiguous() if b_down is not None else w_down, routed, partial, *tiles,
+        hidden_size, inter_size, num_pairs, k_per_split,
+        w_down.stride(0), **down_geo, stride_bias_e=hidden_size,
+        HAS_BIAS=b_down is not None, FP32_DOT=fp32_dot,
+        BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k, **launch,
+    )
+
+    block_h = min(1024, 1 << (hidden_size - 1).bit_length())
+    sum_slots_kernel[(num_tokens, -(-hidden_size // block_h))](
+        partial, out, hidden_size, num_pairs, top_k, num_splits, BLOCK_H=block_h,
+    )
+    return out

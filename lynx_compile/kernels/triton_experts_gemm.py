@@ -1,0 +1,156 @@
+"""The three Triton kernels of the grouped experts: gate_up (+activation), down (+weight), sum.
+
+Work tiles come from ``triton_moe_align``: tile ``i`` is up to BLOCK_M rows (token, slot
+pairs) of one expert. Weight addressing is by strides, so one kernel serves every layout:
+element (k, n) of expert e's gate matrix is ``w_gate[e*stride_e + n*stride_n + k*stride_k]``,
+and the up matrix is the same with its own base, expert stride and ``up_offset``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ACTIVATION constexpr codes; the host maps the reference's names onto them.
+SILU, GELU, GELU_TANH, RELU, SWIGLU_OAI = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    # The CPU interpreter computes bf16 dots as garbage and fp32 weights need IEEE products,
+    # so those cases upcast; on the GPU 16-bit operands go to the tensor cores as they are.
+    if FP32_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _gated(gate, up, act_alpha, act_limit, ACTIVATION: tl.constexpr):
+    """``f(gate) * up`` in fp32, or GPT-OSS's clamped SwiGLU."""
+    if ACTIVATION == 0:
+        out = gate * tl.sigmoid(gate) * up
+    elif ACTIVATION == 1:
+        out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+    elif ACTIVATION == 2:
+        # 0.5 * (1 + tanh(z)) == sigmoid(2z): no tanh needed, and stable for large |z|.
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        out = gate * tl.sigmoid(2.0 * z) * up
+    elif ACTIVATION == 3:
+        out = tl.maximum(gate, 0.0) * up
+    else:
+        gate = tl.minimum(gate, act_limit)
+        up = tl.minimum(tl.maximum(up, -act_limit), act_limit)
+        out = (up + 1.0) * gate * tl.sigmoid(gate * act_alpha)
+    return out
+
+
+@triton.jit
+def _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M: tl.constexpr):
+    rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    return rows, rows < tl.load(tile_end_ptr + tile)
+
+
+@triton.jit
+def gate_up_kernel(
+    x_ptr, w_gate_ptr, w_up_ptr, bias_ptr, inter_ptr,
+    sorted_pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    hidden_size, inter_size, top_k, stride_x_t,
+    stride_gate_e, stride_up_e, up_offset, stride_w_n, stride_w_k,
+    stride_bias_e, bias_up_offset, stride_bias_n,
+    act_alpha, act_limit,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """inter[row, n] = act(x @ W_gate + b_gate) * (x @ W_up + b_up) for one tile's rows."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:  # past the active tiles: the grid is sized by an upper bound
+        return
+    expert = expert.to(tl.int64)
+    rows, row_ok = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
+    tokens = tl.load(sorted_pairs_ptr + rows, mask=row_ok, other=0) // top_k
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < inter_size
+
+    x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x_t
+    w_cols = n.to(tl.int64)[None, :] * stride_w_n
+    gate_cols = w_gate_ptr + expert * stride_gate_e + w_cols
+    up_cols = w_up_ptr + expert * stride_up_e + up_offset + w_cols
+    w_dtype = w_gate_ptr.dtype.element_ty
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < hidden_size
+        x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(w_dtype)
+        w_rows = k.to(tl.int64)[:, None] * stride_w_k
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        acc_gate = _dot(x, tl.load(gate_cols + w_rows, mask=w_ok, other=0.0), acc_gate, FP32_DOT)
+        acc_up = _dot(x, tl.load(up_cols + w_rows, mask=w_ok, other=0.0), acc_up, FP32_DOT)
+
+    if HAS_BIAS:
+        bias = bias_ptr + expert * stride_bias_e + n * stride_bias_n
+        acc_gate += tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(bias + bias_up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    hidden = _gated(acc_gate, acc_up, act_alpha, act_limit, ACTIVATION)
+    out = inter_ptr + rows.to(tl.int64)[:, None] * inter_size + n[None, :]
+    tl.store(out, hidden.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def down_kernel(
+    inter_ptr, w_ptr, bias_ptr, routed_ptr, partial_ptr,
+    sorted_pairs_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    hidden_size, inter_size, num_pairs, k_per_split,
+    stride_w_e, stride_w_n, stride_w_k, stride_bias_e,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """partial[split, pair, n] = routed[pair] * (inter @ W_down (+ b_down in split 0)) over
+    the split's slice of the intermediate dimension."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    rows, row_ok = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + rows, mask=row_ok, other=0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < hidden_size
+    split = tl.program_id(2)
+    k_begin = split * k_per_split
+    k_stop = tl.minimum(k_begin + k_per_split, inter_size)
+
+    a_rows = inter_ptr + rows.to(tl.int64)[:, None] * inter_size
+    w_cols = w_ptr + expert * stride_w_e + n.to(tl.int64)[None, :] * stride_w_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_stop, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_stop
+        a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + k.to(tl.int64)[:, None] * stride_w_k, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, w, acc, FP32_DOT)
+
+    if HAS_BIAS:
+        if split == 0:  # once per output: only the first split adds it
+            acc += tl.load(bias_ptr + expert * stride_bias_e + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc *= tl.load(routed_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out = partial_ptr + (split * num_pairs + pairs).to(tl.int64)[:, None] * hidden_size + n[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def sum_slots_kernel(partial_ptr, out_ptr, hidden_size, num_pairs, top_k, num_splits,
+                     BLOCK_H: tl.constexpr):
+    """out[t] = sum over slots j, then splits s, of partial[s, t*k + j]: a fixed order, no atomics."""
+    token = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    n_ok = n < hidden_size
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in range(top_k):
+        for s in range(num_splits):
+            row = s * num_pairs + token * top_k + j
+            acc += tl.load(partial_ptr + row * hidden_size + n, mask=n_ok, other=0.0)
+    tl.store(out_ptr + token * hidden_size + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
