@@ -20,10 +20,28 @@ _DOCS = {
     "beta": f"an int >= 1 (deepest bin), {NO_CLAMP!r} for no clamp, or None for the model's default",
     "decode_only": "True: re-route only in decode steps (one new token per sequence, >= 2 "
     "tokens); False: also in prefill",
+    "layer_settings": "None, or a dict mapping MoE block paths (e.g. 'model.layers.3.mlp') to "
+    "(alpha, beta) pairs, such as lynx_compile.calibrate() returns; they override alpha/beta",
     "dump_dir": f"a directory for graph dumps, or None (environment: {DUMP_DIR_ENV})",
     "compiler": f"one of {COMPILERS}: what runs the rewritten graph; 'eager' skips Inductor "
     "(debugging, graph tests)",
 }
+
+
+def _valid_alpha(alpha) -> bool:
+    return not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and alpha > 0
+
+
+def _valid_beta(beta) -> bool:
+    return beta == NO_CLAMP or (not isinstance(beta, bool) and isinstance(beta, int) and beta >= 1)
+
+
+def _valid_layer_settings(settings) -> bool:
+    return isinstance(settings, Mapping) and all(
+        isinstance(path, str) and isinstance(pair, (tuple, list)) and len(pair) == 2
+        and _valid_alpha(pair[0]) and (pair[1] is None or _valid_beta(pair[1]))
+        for path, pair in settings.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,7 @@ class LynxOptions:
     alpha: float | None = None
     beta: int | str | None = None
     decode_only: bool = True
+    layer_settings: Mapping[str, tuple] | None = None
     dump_dir: str | None = None
     compiler: str = "inductor"
 
@@ -41,16 +60,14 @@ class LynxOptions:
 
         if self.policy not in POLICIES:
             raise bad("policy", self.policy)
-        if self.alpha is not None and (
-            isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
-        ):
+        if self.alpha is not None and not _valid_alpha(self.alpha):
             raise bad("alpha", self.alpha)
-        if self.beta is not None and self.beta != NO_CLAMP and (
-            isinstance(self.beta, bool) or not isinstance(self.beta, int) or self.beta < 1
-        ):
+        if self.beta is not None and not _valid_beta(self.beta):
             raise bad("beta", self.beta)
         if not isinstance(self.decode_only, bool):
             raise bad("decode_only", self.decode_only)
+        if self.layer_settings is not None and not _valid_layer_settings(self.layer_settings):
+            raise bad("layer_settings", self.layer_settings)
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise bad("dump_dir", self.dump_dir)
         if self.compiler not in COMPILERS:

@@ -26,12 +26,14 @@ def derived_settings(top_k: int, num_experts: int) -> SelectorSettings:
     return SelectorSettings(3.0, 2, f"derived from k={top_k}, E={num_experts}")
 
 
-def resolve_settings(alpha, beta, top_k: int, num_experts: int) -> SelectorSettings:
-    """User options win; what they leave as None comes from the default."""
+def resolve_settings(options, module: str, top_k: int, num_experts: int) -> SelectorSettings:
+    """Per-layer settings win, then alpha/beta options; what they leave as None is the default."""
+    if options.layer_settings and module in options.layer_settings:
+        alpha, beta = options.layer_settings[module]
+        return SelectorSettings(float(alpha), None if beta in (None, "none") else beta, "layer_settings")
     default = derived_settings(top_k, num_experts)
-    if alpha is None and beta is None:
+    if options.alpha is None and options.beta is None:
         return default
-    resolved_beta = default.beta if beta is None else (None if beta == "none" else beta)
-    return SelectorSettings(
-        default.alpha if alpha is None else float(alpha), resolved_beta, "options"
-    )
+    beta = default.beta if options.beta is None else (None if options.beta == "none" else options.beta)
+    alpha = default.alpha if options.alpha is None else float(options.alpha)
+    return SelectorSettings(alpha, beta, "options")

@@ -33,7 +33,8 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
                 router.module, topk.name, f"router {router.pattern} matched, experts dispatch not recognised ({dispatch})"
             ))
             continue
-        settings = resolve_settings(options.alpha, options.beta, router.top_k, router.num_experts)
+        block = common_module([router.module, dispatch.module])
+        settings = resolve_settings(options, block, router.top_k, router.num_experts)
         replace_dispatch(graph, dispatch)
         if options.policy == "lynx":
             replace_router(graph, router, settings, options.decode_only)
