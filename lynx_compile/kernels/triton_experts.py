@@ -31,10 +31,12 @@ Why this decomposition.
   programs to saturate HBM (Mixtral: 2 experts x 64), so it splits K = I across programs.
   The partial sums go through the same fp32 buffer the slot sum reads, so split-K costs no
   atomics and stays deterministic.
-- Layouts differ only in addressing, so they are strides and an up-offset passed to one
-  kernel (the interleaved GPT-OSS layout is column stride 2, up offset 1); activation and
-  bias are constexprs. Triton specialises unit strides, so the nn.Linear layouts still get
-  vectorised loads along K.
+- Layouts differ mostly in addressing, so the concatenated and split layouts are strides
+  and an up-offset passed to one kernel; the interleaved GPT-OSS layout is a constexpr
+  branch that streams one contiguous [K, 2N] tile and splits gate from up in the epilogue
+  (stride-2 loads of each half would defeat vector loads and the software pipeline).
+  Activation and bias are constexprs too. Triton specialises unit strides, so the
+  nn.Linear layouts still get vectorised loads along K.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
     s = w_gate_up.stride()
     if layout == "gate_up_interleaved_t":  # [E, H, 2I], gate/up in alternating columns
         hidden_size, inter_size = w_gate_up.shape[1], w_gate_up.shape[2] // 2
-        gate_up = dict(stride_gate_e=s[0], stride_up_e=s[0], up_offset=s[2], stride_w_n=2 * s[2], stride_w_k=s[1])
+        gate_up = dict(stride_gate_e=s[0], stride_up_e=s[0], up_offset=0, stride_w_n=s[2], stride_w_k=s[1])
         down_shape, down = (num_experts, inter_size, hidden_size), dict(stride_w_n=w_down.stride(2), stride_w_k=w_down.stride(1))
     else:  # [E, 2I, H] gate rows then up rows, or [E, I, H] gate with a separate up
         hidden_size = w_gate_up.shape[2]
@@ -77,8 +79,8 @@ def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
         raise ValueError(f"layout {layout!r} needs an even gate_up width, got {tuple(w_gate_up.shape)}")
     if tuple(w_down.shape) != down_shape:
         raise ValueError(f"layout {layout!r}: w_down must be {down_shape}, got {tuple(w_down.shape)}")
-    if b_gate_up is not None:
-        gate_up.update(stride_bias_e=2 * inter_size, bias_up_offset=1, stride_bias_n=2)
+    if b_gate_up is not None:  # made contiguous; only the interleaved layout has biases
+        gate_up.update(stride_bias_e=2 * inter_size, bias_up_offset=0, stride_bias_n=1)
     else:
         gate_up.update(stride_bias_e=0, bias_up_offset=0, stride_bias_n=0)
     return hidden_size, inter_size, gate_up, down
@@ -148,7 +150,7 @@ def grouped_experts_triton(
         b_gate_up.contiguous() if b_gate_up is not None else w_gate_up, inter, *tiles,
         hidden_size, inter_size, top_k, hidden.stride(0), **gate_up_geo,
         act_alpha=float(act_alpha), act_limit=float(act_limit),
-        ACTIVATION=_ACTIVATIONS[activation], HAS_BIAS=b_gate_up is not None, FP32_DOT=fp32_dot,
+        INTERLEAVED=layout == "gate_up_interleaved_t", ACTIVATION=_ACTIVATIONS[activation], HAS_BIAS=b_gate_up is not None, FP32_DOT=fp32_dot,
         BLOCK_M=config.block_m, BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, **launch,
     )
 

@@ -3,7 +3,8 @@
 Work tiles come from ``triton_moe_align``: tile ``i`` is up to BLOCK_M rows (token, slot
 pairs) of one expert. Weight addressing is by strides, so one kernel serves every layout:
 element (k, n) of expert e's gate matrix is ``w_gate[e*stride_e + n*stride_n + k*stride_k]``,
-and the up matrix is the same with its own base, expert stride and ``up_offset``.
+and the up matrix is the same with its own base, expert stride and ``up_offset``; only the
+interleaved GPT-OSS layout needs its own code path (the INTERLEAVED constexpr).
 """
 
 from __future__ import annotations
@@ -60,10 +61,16 @@ def gate_up_kernel(
     stride_gate_e, stride_up_e, up_offset, stride_w_n, stride_w_k,
     stride_bias_e, bias_up_offset, stride_bias_n,
     act_alpha, act_limit,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """inter[row, n] = act(x @ W_gate + b_gate) * (x @ W_up + b_up) for one tile's rows."""
+    """inter[row, n] = act(x @ W_gate + b_gate) * (x @ W_up + b_up) for one tile's rows.
+
+    INTERLEAVED (GPT-OSS): gate and up are alternating columns of one matrix, so the program
+    streams one contiguous [BLOCK_K, 2*BLOCK_N] tile (stride_w_n is the column stride) and
+    splits the accumulator in the epilogue; a stride-2 load per half would defeat vector
+    loads and the software pipeline. Otherwise gate and up are two tiles, at their own bases.
+    """
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:  # past the active tiles: the grid is sized by an upper bound
@@ -71,29 +78,44 @@ def gate_up_kernel(
     expert = expert.to(tl.int64)
     rows, row_ok = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
     tokens = tl.load(sorted_pairs_ptr + rows, mask=row_ok, other=0) // top_k
+    x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x_t
+    w_dtype = w_gate_ptr.dtype.element_ty
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < inter_size
 
-    x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x_t
-    w_cols = n.to(tl.int64)[None, :] * stride_w_n
-    gate_cols = w_gate_ptr + expert * stride_gate_e + w_cols
-    up_cols = w_up_ptr + expert * stride_up_e + up_offset + w_cols
-    w_dtype = w_gate_ptr.dtype.element_ty
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden_size, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < hidden_size
-        x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(w_dtype)
-        w_rows = k.to(tl.int64)[:, None] * stride_w_k
-        w_ok = k_ok[:, None] & n_ok[None, :]
-        acc_gate = _dot(x, tl.load(gate_cols + w_rows, mask=w_ok, other=0.0), acc_gate, FP32_DOT)
-        acc_up = _dot(x, tl.load(up_cols + w_rows, mask=w_ok, other=0.0), acc_up, FP32_DOT)
+    if INTERLEAVED:
+        c = tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # gate0, up0, gate1, ...
+        c_ok = c < 2 * inter_size
+        w_cols = w_gate_ptr + expert * stride_gate_e + c.to(tl.int64)[None, :] * stride_w_n
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden_size, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < hidden_size
+            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(w_dtype)
+            w = tl.load(w_cols + k.to(tl.int64)[:, None] * stride_w_k, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _dot(x, w, acc, FP32_DOT)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * stride_bias_e + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc_gate, acc_up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        w_cols = n.to(tl.int64)[None, :] * stride_w_n
+        gate_cols = w_gate_ptr + expert * stride_gate_e + w_cols
+        up_cols = w_up_ptr + expert * stride_up_e + up_offset + w_cols
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden_size, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < hidden_size
+            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(w_dtype)
+            w_rows = k.to(tl.int64)[:, None] * stride_w_k
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            acc_gate = _dot(x, tl.load(gate_cols + w_rows, mask=w_ok, other=0.0), acc_gate, FP32_DOT)
+            acc_up = _dot(x, tl.load(up_cols + w_rows, mask=w_ok, other=0.0), acc_up, FP32_DOT)
+        if HAS_BIAS:
+            bias = bias_ptr + expert * stride_bias_e + n * stride_bias_n
+            acc_gate += tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias + bias_up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
 
-    if HAS_BIAS:
-        bias = bias_ptr + expert * stride_bias_e + n * stride_bias_n
-        acc_gate += tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        acc_up += tl.load(bias + bias_up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     hidden = _gated(acc_gate, acc_up, act_alpha, act_limit, ACTIVATION)
     out = inter_ptr + rows.to(tl.int64)[:, None] * inter_size + n[None, :]
     tl.store(out, hidden.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
