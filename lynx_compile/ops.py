@@ -14,7 +14,7 @@ import torch
 from . import capture
 from .kernels.experts_cpu import grouped_experts_cpu
 from .kernels.experts_ref import check_experts_args, grouped_experts_reference
-from .selector import batch_aware_topk, softmax_topk_weights, topk_ids
+from .selector import RouterRule, route_batch_aware, route_plain
 
 
 def is_decode_step(num_tokens: int, seq_len: int) -> bool:
@@ -25,51 +25,59 @@ def is_decode_step(num_tokens: int, seq_len: int) -> bool:
 @torch.library.custom_op("lynx::select_experts", mutates_args=())
 def select_experts_op(
     router_logits: torch.Tensor,
+    score_bias: torch.Tensor | None,
     top_k: int,
     seq_len: int,
     alpha: float,
     beta: int | None,
-    renormalize: bool,
     decode_only: bool,
+    scoring: str,
+    renormalize: bool,
+    softmax_after_topk: bool,
+    num_groups: int,
+    topk_groups: int,
+    group_score: str,
+    scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing for one MoE layer: batch-aware in decode steps, plain top-k otherwise.
 
     ``seq_len`` is the sequence length of the layer input, read from the graph (a prefill
-    of 16 tokens and a decode step of 16 sequences have the same token count).
+    of 16 tokens and a decode step of 16 sequences have the same token count). The rest
+    is the router's rule (``selector.RouterRule``).
     """
-    return _route(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only, _batch_aware_torch)
+    rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
+    return _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, route_batch_aware)
 
 
-def _batch_aware_torch(logits, top_k, alpha, beta, renormalize):
-    ids = batch_aware_topk(logits, top_k, alpha, beta)
-    return softmax_topk_weights(logits, ids, top_k, renormalize), ids
-
-
-def _route(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only, batch_aware):
+def _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, batch_aware):
     logits = router_logits.float()
+    bias = None if score_bias is None else score_bias.float()
     num_tokens = logits.shape[0]
     rerouted = num_tokens >= 2 and (not decode_only or is_decode_step(num_tokens, seq_len))
     if rerouted:
-        weights, ids = batch_aware(logits, top_k, alpha, beta, renormalize)
-    else:
-        # Plain routing with the model's own ops, so prefill numerics are unchanged.
-        probs = torch.softmax(logits, dim=-1)
-        weights, ids = torch.topk(probs, top_k, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, ids = batch_aware(logits, top_k, alpha, beta, rule, bias)
+    else:  # the router's own ops, so prefill numerics are unchanged
+        weights, ids = route_plain(logits, top_k, rule, bias)
     capture.record_routing(logits, seq_len, ids, weights, rerouted)
     return weights, ids
 
 
 @select_experts_op.register_kernel("cuda")
-def _(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only):
+def _(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, scoring, renormalize,
+      softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor):
+    rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
     kernels = _cuda_kernels()
-    batch_aware = kernels.select_experts_triton if kernels else _batch_aware_torch
-    return _route(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only, batch_aware)
+    plain_softmax = RouterRule(renormalize=renormalize)
+    if kernels is not None and rule == plain_softmax and score_bias is None:
+        def batch_aware(logits, top_k, alpha, beta, rule, bias):
+            return kernels.select_experts_triton(logits, top_k, alpha, beta, rule.renormalize)
+    else:  # rules the Triton kernel does not cover run the torch reference on the GPU
+        batch_aware = route_batch_aware
+    return _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, batch_aware)
 
 
 @select_experts_op.register_fake
-def _(router_logits, top_k, seq_len, alpha, beta, renormalize, decode_only):
+def _(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, *rule):
     num_tokens = router_logits.shape[0]
     weights = router_logits.new_empty((num_tokens, top_k), dtype=torch.float32)
     ids = router_logits.new_empty((num_tokens, top_k), dtype=torch.int64)

@@ -14,6 +14,7 @@ class MatchedLayer:
     num_experts: int
     top_k: int
     router: str  # router pattern name
+    rule: str  # the router's rule in words
     renormalize: bool
     dispatch: str  # experts dispatch pattern name
     layout: str
@@ -46,7 +47,7 @@ class LynxReport:
     def to_markdown(self) -> str:
         lines = [f"# lynx report: {self.graph}", "", f"## Rewritten MoE layers ({len(self.matched)})", ""]
         if self.matched:
-            cols = ["module", "block", "num_experts", "top_k", "router", "renormalize", "dispatch",
+            cols = ["module", "block", "num_experts", "top_k", "router", "rule", "dispatch",
                     "layout", "activation", "policy", "alpha", "beta", "settings"]
             lines += _table(cols, [[getattr(m, c) for c in cols] for m in self.matched])
         lines += ["", f"## Left unchanged ({len(self.unmatched)})", ""]
@@ -66,6 +67,22 @@ def _table(cols: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return out
+
+
+def describe_rule(rule, biased: bool) -> str:
+    """A RouterRule in a few words, e.g. ``sigmoid+bias, 8 groups top 4 (top2_sum), renormalised, x2.5``."""
+    parts = [rule.scoring + ("+bias" if biased else "")]
+    if rule.grouped:
+        parts.append(f"{rule.num_groups} groups top {rule.topk_groups} ({rule.group_score})")
+    if rule.softmax_after_topk:
+        parts.append("softmax over top-k")
+    elif rule.renormalize:
+        parts.append("renormalised")
+    else:
+        parts.append("not renormalised")
+    if rule.scaling_factor != 1.0:
+        parts.append(f"x{rule.scaling_factor:g}")
+    return ", ".join(parts)
 
 
 _last: LynxReport | None = None

@@ -79,7 +79,7 @@ def test_every_moe_layer_matched(family, dtype):
     for layer in report.matched:
         assert (layer.num_experts, layer.top_k, layer.renormalize) == (num_experts, top_k, renormalize)
         assert (layer.router, layer.dispatch, layer.layout, layer.activation) == (
-            "softmax_topk", "hf_grouped_mm", "gate_up_concat", "silu")
+            "softmax_topk", "hf_experts", "gate_up_concat", "silu")
         assert layer.policy == "lynx" and layer.alpha is not None
 
 

@@ -14,6 +14,15 @@ select_op = torch.ops.lynx.select_experts.default
 experts_op = torch.ops.lynx.grouped_experts.default
 
 
+def softmax_select_args(logits, top_k, seq_len, alpha, beta, renormalize, decode_only):
+    """lynx::select_experts arguments for an ungrouped softmax router."""
+    return (logits, None, top_k, seq_len, alpha, beta, decode_only, "softmax", renormalize, False, 1, 1, "max", 1.0)
+
+
+def select(*args):
+    return select_op(*softmax_select_args(*args))
+
+
 def logits(num_tokens=8, num_experts=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(num_experts, generator=g) * 2 + torch.randn(num_tokens, num_experts, generator=g) * 2
@@ -50,7 +59,7 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("seq_len,num_tokens", [(1, 8), (4, 8), (1, 1)])
 def test_opcheck_select(seq_len, num_tokens, renormalize):
-    torch.library.opcheck(select_op, (logits(num_tokens), 4, seq_len, 3.0, 2, renormalize, True))
+    torch.library.opcheck(select_op, softmax_select_args(logits(num_tokens), 4, seq_len, 3.0, 2, renormalize, True))
 
 
 @pytest.mark.parametrize("layout,activation,args", LAYOUT_CASES)
@@ -62,7 +71,7 @@ def test_opcheck_experts(layout, activation, args):
 
 def test_decode_step_is_rerouted():
     x = logits(8)
-    weights, ids = select_op(x, 4, 1, 3.0, 2, True, True)
+    weights, ids = select(x, 4, 1, 3.0, 2, True, True)
     ref_w, ref_ids = select_experts(x, 4, alpha=3.0, beta=2)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_w, rtol=0, atol=0)
@@ -72,7 +81,7 @@ def test_decode_step_is_rerouted():
 def test_prefill_and_single_token_use_plain_topk(seq_len, num_tokens, decode_only):
     x = logits(num_tokens)
     with capture_routing() as cap:
-        weights, ids = select_op(x, 4, seq_len, 3.0, 2, False, decode_only)
+        weights, ids = select(x, 4, seq_len, 3.0, 2, False, decode_only)
     plain = torch.softmax(x, -1).topk(4)
     assert torch.equal(ids, plain.indices)
     assert torch.equal(weights, plain.values)
@@ -81,15 +90,15 @@ def test_prefill_and_single_token_use_plain_topk(seq_len, num_tokens, decode_onl
 
 def test_decode_only_false_reroutes_prefill():
     x = logits(8)
-    _, ids = select_op(x, 4, 4, 3.0, 2, True, False)
+    _, ids = select(x, 4, 4, 3.0, 2, True, False)
     assert torch.equal(ids, select_experts(x, 4, alpha=3.0, beta=2)[1])
 
 
 def test_seq_len_not_token_count_decides():
     # 8 tokens either way: one 8-token prefill, or a decode step of 8 sequences.
     x = logits(8, 64, seed=3)
-    _, prefill_ids = select_op(x, 8, 8, 3.0, 2, True, True)
-    _, decode_ids = select_op(x, 8, 1, 3.0, 2, True, True)
+    _, prefill_ids = select(x, 8, 8, 3.0, 2, True, True)
+    _, decode_ids = select(x, 8, 1, 3.0, 2, True, True)
     assert torch.equal(prefill_ids, torch.softmax(x, -1).topk(8).indices)
     assert not torch.equal(prefill_ids, decode_ids)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from ..options import LynxOptions
-from ..report import LynxReport, MatchedLayer, UnmatchedCandidate
+from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
 from .dispatch import match_dispatch
 from .graph_utils import common_module, module_path, op_kind
@@ -22,11 +22,16 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
     """Rewrite every recognised MoE layer of ``gm`` in place; return what was done."""
     report = LynxReport(graph=graph_name)
     graph = gm.graph
+    routers, unrecognised = [], []
     for topk in [n for n in graph.nodes if op_kind(n) == "topk"]:
-        router = match_router(topk)
-        if isinstance(router, str):
-            report.unmatched.append(UnmatchedCandidate(module_path(topk), topk.name, f"router not recognised ({router})"))
-            continue
+        found = match_router(topk)
+        (routers if isinstance(found, RouterMatch) else unrecognised).append((topk, found))
+    inside_routers = set().union(*(r.nodes for _, r in routers)) if routers else set()
+    for topk, reason in unrecognised:
+        if topk not in inside_routers:  # e.g. DeepSeek's top-k over expert groups
+            report.unmatched.append(UnmatchedCandidate(module_path(topk), topk.name, f"router not recognised ({reason})"))
+
+    for topk, router in routers:
         dispatch = match_dispatch(graph, router)
         if isinstance(dispatch, str):
             report.unmatched.append(UnmatchedCandidate(
@@ -38,7 +43,7 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         replace_dispatch(graph, dispatch)
         if options.policy == "lynx":
             replace_router(graph, router, settings, options.decode_only)
-        report.matched.append(_matched_layer(router, dispatch, options, settings))
+        report.matched.append(_matched_layer(block, router, dispatch, options, settings))
 
     for node in graph.nodes:
         if op_kind(node) == "grouped_mm":
@@ -51,8 +56,7 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
     return report
 
 
-def _matched_layer(router: RouterMatch, dispatch, options: LynxOptions, settings) -> MatchedLayer:
-    block = common_module([router.module, dispatch.module])
+def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptions, settings) -> MatchedLayer:
     on = options.policy == "lynx"
     return MatchedLayer(
         module=block,
@@ -60,7 +64,8 @@ def _matched_layer(router: RouterMatch, dispatch, options: LynxOptions, settings
         num_experts=router.num_experts,
         top_k=router.top_k,
         router=router.pattern,
-        renormalize=router.renormalize,
+        rule=describe_rule(router.rule, router.score_bias is not None),
+        renormalize=router.rule.renormalize,
         dispatch=dispatch.pattern,
         layout=dispatch.layout,
         activation=dispatch.activation,

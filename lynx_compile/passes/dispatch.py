@@ -2,19 +2,22 @@
 
 Each pattern is one function ``(graph, RouterMatch) -> DispatchMatch | reason`` registered in
 ``DISPATCH_PATTERNS``. A match is the whole region between the router outputs (and the
-layer's hidden states) and the per-token combined output, checked op by op: anything the
-pattern does not account for (a bias, a post-expert norm, an unknown activation) rejects
-the match, so lynx never replaces computation it does not understand.
+layer's hidden states) and the per-token combined output, checked op by op: every node must
+be accounted for as bookkeeping (permutations, offsets, views) or as one of the pattern's
+pieces (two GEMMs, optional biases, the gated activation, the routed weight, the sum over
+k). Anything else (a post-expert norm, an unknown activation...) rejects the match, so lynx
+never replaces computation it does not understand.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch.fx import Graph, Node
 
+from ..kernels.experts_ref import LAYOUTS
+from .gates import GATE_FORMS, GateMatch
 from .graph_utils import (
     LAYOUT_KINDS,
     arg,
@@ -71,18 +74,20 @@ def match_dispatch(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
         if isinstance(found, DispatchMatch):
             return found
         reasons.append(f"{name}: {found}")
+    if _feeds_eager_experts_loop(router.ids):
+        return (
+            "transformers' 'eager' experts loop graph-breaks at every expert, so no backend sees it; "
+            "fix: model.set_experts_implementation('grouped_mm') (or load with experts_implementation='grouped_mm')"
+        )
     return "; ".join(reasons)
 
 
-ACTIVATION_KINDS = {"silu": "silu", "relu": "relu", "gelu": "gelu"}
+def _feeds_eager_experts_loop(ids: Node) -> bool:
+    """transformers' eager experts: ``one_hot(ids)`` then ``nonzero()`` (a graph break)."""
+    return any(op_kind(u) == "fn:one_hot" for u in ids.users)
 
 
-def activation_name(node: Node) -> str | None:
-    name = ACTIVATION_KINDS.get(op_kind(node))
-    if name == "gelu" and arg(node, 1, "approximate", "none") == "tanh":
-        return "gelu_tanh"
-    return name
-
+# --- region helpers ---------------------------------------------------------------------
 
 def cast_chain_end(node: Node) -> Node:
     """``node`` followed through single-user dtype casts (the router's ``.to(dtype)``)."""
@@ -91,18 +96,16 @@ def cast_chain_end(node: Node) -> Node:
     return node
 
 
-def find_slot_sum(start: Node, num_tokens: int, top_k: int, limit: int = 300) -> Node | None:
-    """The first ``x.view(T, k, H).sum(dim=1)`` downstream of ``start``: the combine over k."""
+def find_downstream(start: Node, accept: Callable[[Node], bool], limit: int = 300) -> Node | None:
+    """The first node (in graph order) downstream of ``start`` that ``accept`` takes."""
     seen, todo, found = set(), [start], []
     while todo and len(seen) < limit:
         node = todo.pop()
         if node in seen:
             continue
         seen.add(node)
-        if op_kind(node) == "sum" and arg(node, 1, "dim") == 1:
-            src = shape(node.args[0])
-            if src is not None and len(src) == 3 and same_sizes(src[:2], (num_tokens, top_k)):
-                found.append(node)
+        if accept(node):
+            found.append(node)
         todo.extend(node.users)
     if not found:
         return None
@@ -121,23 +124,23 @@ def expert_region(router: RouterMatch, output: Node) -> tuple[set[Node], Node, N
     region = backward_region(output, stop)
     if region is None:
         return "the experts computation is not a self-contained region"
-    hidden = [n for n in region_inputs(region) if n in router.hidden_aliases]
-    outside = [
-        n for n in region_inputs(region)
-        if n not in boundary and n.op not in ("placeholder", "get_attr") and not is_size_value(n)
-    ]
+    inputs = region_inputs(region)
+    hidden = [n for n in inputs if n in router.hidden_aliases]
+    outside = [n for n in inputs if n not in boundary and n.op not in ("placeholder", "get_attr") and not is_size_value(n)]
     if outside:
         return f"the experts computation also reads {outside[0].name}"
     if len(hidden) != 1 or shape(hidden[0]) is None or len(shape(hidden[0])) != 2:
         return "the experts do not read the layer input as one [tokens, hidden] tensor"
+    if weights not in inputs or ids not in inputs:
+        return "the experts do not read the router's weights and ids"
     escaping = escaping_nodes(region, output)
     if escaping:
         return f"an intermediate of the experts computation ({escaping[0].name}) is used elsewhere"
     return region, hidden[0], ids, weights
 
 
-def _combine_output(slot_sum: Node, hidden: Node) -> Node | None:
-    """The slot sum, or its single cast back to the hidden dtype when the sum was wider."""
+def combine_output(slot_sum: Node, hidden: Node) -> Node | None:
+    """The per-token sum, or its single cast back to the hidden dtype when the sum was wider."""
     if dtype(slot_sum) == dtype(hidden):
         return slot_sum
     users = list(slot_sum.users)
@@ -146,113 +149,220 @@ def _combine_output(slot_sum: Node, hidden: Node) -> Node | None:
     return None
 
 
-def _weight_param(mm: Node) -> tuple[Node, int]:
-    """The parameter behind a grouped mm's weight operand, and how many transposes it went through."""
-    node, transposes = mm.args[1] if len(mm.args) > 1 else None, 0
+def is_sentinel_mask(node: Node, num_experts: int) -> bool:
+    """``x.masked_fill(ids >= E, 0)``: transformers' expert-parallel guard, a no-op here."""
+    mask = strip(arg(node, 1, "mask"), LAYOUT_KINDS)
+    return op_kind(mask) == "ge" and mask.args[1] == num_experts and arg(node, 2, "value") in (0, 0.0)
+
+
+def expert_param(node: object, gathered: bool) -> tuple[Node | None, int]:
+    """The [E, ...] parameter behind a GEMM operand, and how many transposes it went through.
+
+    ``gathered``: the operand is ``param[expert_ids]`` (one matrix per row, batched_mm).
+    """
+    transposes = 0
     while isinstance(node, Node) and op_kind(node) in ("transpose", "cast", "view"):
         transposes += op_kind(node) == "transpose"
         node = node.args[0]
+    if gathered:
+        if op_kind(node) != "getitem" or not isinstance(node.args[1], Node):
+            return None, transposes
+        node = node.args[0]
+    if not isinstance(node, Node) or node.op not in ("placeholder", "get_attr") or len(shape(node) or ()) != 3:
+        return None, transposes
     return node, transposes
-
-
-def _is_sentinel_mask(node: Node, num_experts: int) -> bool:
-    """``x.masked_fill(ids >= E, 0)``: transformers' expert-parallel guard, a no-op here."""
-    mask = strip(arg(node, 1, "mask"), LAYOUT_KINDS)
-    return (
-        op_kind(mask) == "ge"
-        and mask.args[1] == num_experts
-        and arg(node, 2, "value") in (0, 0.0)
-    )
-
-
-def _is_half(node: Node, chunk: Node, index: int) -> bool:
-    return op_kind(node) == "getitem" and node.args[0] is chunk and node.args[1] == index
 
 
 # Ops that only compute the token permutation and group offsets (no arithmetic on values).
 _BOOKKEEPING = frozenset({
     "sort", "floordiv", "histc", "bincount", "cumsum", "empty_like", "zeros_like", "arange",
-    "setitem", "ge", "clamp", "index_select", "gather", "scatter",
+    "setitem", "ge", "index_select", "gather", "scatter", "repeat_interleave",
 })
 
 
-@dispatch_pattern("hf_grouped_mm")
-def hf_grouped_mm(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
-    """transformers' default experts path: sort by expert, two grouped GEMMs, combine."""
+@dataclass
+class _Gemm:
+    node: Node
+    param: Node
+    transposed: bool  # weights stored [E, in, out] (x @ W) rather than [E, out, in] (x @ W.T)
+    bias: Node | None = None
+    bias_add: Node | None = None
+
+
+def _gemms(nodes: list[Node]) -> list[_Gemm] | str:
+    """The two expert GEMMs of transformers' grouped_mm or batched_mm experts path."""
+    found = []
+    for node in nodes:
+        kind = op_kind(node)
+        if kind == "grouped_mm":  # grouped_mm(x, W or W.T, offs): W.T is the nn.Linear layout
+            param, transposes = expert_param(node.args[1], gathered=False)
+            transposed = transposes == 0
+        elif kind == "bmm":  # bmm(W[ids], x[..., None]) or bmm(x[:, None], W[ids]) (transposed)
+            param, transposes = expert_param(node.args[0], gathered=True)
+            transposed = False
+            if param is None:
+                param, transposes = expert_param(node.args[1], gathered=True)
+                transposed = True
+            if transposes:
+                return "a batched expert GEMM reads transposed weights"
+        else:
+            continue
+        if param is None:
+            return f"the weights of {node.name} are not an [E, ., .] expert parameter"
+        found.append(_Gemm(node, param, transposed))
+    if len(found) != 2:
+        return f"expected 2 expert GEMMs, found {len(found)}"
+    return found
+
+
+def _bias_of(gemm: _Gemm, nodes: list[Node]) -> str | None:
+    """Attach ``out.add_(bias[expert_ids])`` following a GEMM (GPT-OSS); returns a reason on failure."""
+    adds = [n for n in nodes if op_kind(n) == "add" and strip(n.args[0], LAYOUT_KINDS) is gemm.node]
+    if not adds:
+        return None
+    if len(adds) > 1:
+        return f"more than one addition to {gemm.node.name}"
+    bias, _ = expert_param(adds[0].args[1], gathered=True) if isinstance(adds[0].args[1], Node) else (None, 0)
+    if bias is None:
+        bias = _gathered_param_2d(adds[0].args[1])
+    if bias is None:
+        return f"{gemm.node.name} adds something other than a per-expert bias"
+    gemm.bias, gemm.bias_add = bias, adds[0]
+    return None
+
+
+def _gathered_param_2d(node: object) -> Node | None:
+    node = strip(node, {"cast", "view"})
+    if op_kind(node) != "getitem" or not isinstance(node.args[1], Node):
+        return None
+    param = node.args[0]
+    ok = isinstance(param, Node) and param.op in ("placeholder", "get_attr") and len(shape(param) or ()) == 2
+    return param if ok else None
+
+
+@dispatch_pattern("hf_experts")
+def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
+    """transformers' ``grouped_mm`` and ``batched_mm`` experts paths: two expert GEMMs with
+    optional biases, a gated activation, the routed weight, and a sum over the k slots."""
     num_tokens, top_k, num_experts = shape(router.logits)[0], router.top_k, router.num_experts
-    slot_sum = find_slot_sum(router.ids, num_tokens, top_k)
+
+    def is_slot_sum(node: Node) -> bool:  # x.view(T, k, H).sum(dim=1)
+        src = shape(node.args[0]) if node.args else None
+        return (op_kind(node) == "sum" and arg(node, 1, "dim") == 1 and src is not None and len(src) == 3
+                and same_sizes(src[:2], (num_tokens, top_k)))
+
+    slot_sum = find_downstream(router.ids, is_slot_sum)
     if slot_sum is None:
         return "no per-token sum over the k expert outputs follows the router"
     found = expert_region(router, slot_sum)
     if isinstance(found, str):
         return found
     region, hidden, ids, weights = found
-    output = _combine_output(slot_sum, hidden)
+    output = combine_output(slot_sum, hidden)
     if output is None:
         return "the combined experts output is not cast back to the hidden dtype"
     if output is not slot_sum:
         region.add(output)
-        if escaping_nodes(region, output):
-            return "the slot sum is used before its cast back to the hidden dtype"
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     nodes = sorted(region, key=order.__getitem__)
-    kinds = Counter(op_kind(n) for n in nodes)
-    act_nodes = [n for n in nodes if activation_name(n)]
-    unexpected = [
-        n for n in nodes
-        if op_kind(n) not in LAYOUT_KINDS | _BOOKKEEPING | {"grouped_mm", "mul", "sum", "chunk", "masked_fill"}
-        and n not in act_nodes
-    ]
-    if unexpected:
-        return f"unexpected {op_kind(unexpected[0])} ({unexpected[0].name}) in the experts computation"
-    masks = [n for n in nodes if op_kind(n) == "masked_fill"]
-    if any(not _is_sentinel_mask(n, num_experts) for n in masks):
-        return "a masked_fill other than the expert-parallel sentinel guard"
-    expected = {"grouped_mm": 2, "mul": 2, "sum": 1, "chunk": 1}
-    for kind, count in expected.items():
-        if kinds[kind] != count:
-            return f"expected {count} {kind} op(s) in the experts computation, found {kinds[kind]}"
-    if len(act_nodes) != 1:
-        return f"expected one activation between the two GEMMs, found {len(act_nodes)}"
+    gemms = _gemms(nodes)
+    if isinstance(gemms, str):
+        return gemms
+    first, second = gemms
+    for gemm in gemms:
+        reason = _bias_of(gemm, nodes)
+        if reason:
+            return reason
+    if first.transposed != second.transposed:
+        return "the two expert GEMMs store their weights differently"
+    gate = _match_gate(first.node, nodes)
+    if isinstance(gate, str):
+        return gate
+    if strip(_gemm_input(second), LAYOUT_KINDS) is not gate.output:
+        return "the second GEMM does not read the gated activation"
 
-    first, second = [n for n in nodes if op_kind(n) == "grouped_mm"]
-    (gate_up, t1), (down, t2) = _weight_param(first), _weight_param(second)
-    if gate_up is None or down is None or (t1, t2) != (1, 1):
-        return "grouped GEMM weights are not transposed views of the expert parameters"
-    up_shape, down_shape, hidden_dim = shape(gate_up), shape(down), shape(hidden)[1]
-    if (
-        up_shape is None or down_shape is None or len(up_shape) != 3
-        or up_shape[0] != num_experts or not same_size(up_shape[2], hidden_dim) or up_shape[1] % 2
-        or not same_sizes(down_shape, (num_experts, hidden_dim, up_shape[1] // 2))
-    ):
-        return f"expert weights {up_shape} / {down_shape} are not the [E, 2I, H] / [E, H, I] layout"
+    weighted = [n for n in nodes if op_kind(n) == "mul" and n not in gate.nodes]
+    if len(weighted) != 1 or not _weighs_output(weighted[0], second.node, weights):
+        return "the experts' outputs are not multiplied by the routing weights once"
+    accounted = {first.node, second.node, slot_sum, output, weighted[0], *gate.nodes}
+    accounted |= {g.bias_add for g in gemms if g.bias_add is not None}
+    for node in nodes:
+        kind = op_kind(node)
+        if node in accounted or kind in LAYOUT_KINDS or kind in _BOOKKEEPING:
+            continue
+        if kind == "masked_fill" and is_sentinel_mask(node, num_experts):
+            continue
+        if kind == "clamp" and _clamps_ids(node, num_experts):
+            continue
+        return f"unexpected {kind} ({node.name}) in the experts computation"
 
-    act = act_nodes[0]
-    chunk = next(n for n in nodes if op_kind(n) == "chunk")
-    if (
-        strip(chunk.args[0], LAYOUT_KINDS | {"masked_fill"}) is not first
-        or arg(chunk, 1, "chunks") != 2
-        or arg(chunk, 2, "dim") not in (-1, 1)
-    ):
-        return "the gate/up split is not a 2-way split of the first GEMM's output"
-    halves = {}
-    for mul in (n for n in nodes if op_kind(n) == "mul"):
-        operands = {strip(a, {"cast"}) for a in mul.args if isinstance(a, Node)}
-        if act in operands:
-            halves = {o for o in operands if o is not act}
-    if not _is_half(strip(act.args[0], {"cast"}), chunk, 0) or not any(_is_half(h, chunk, 1) for h in halves):
-        return "the experts do not compute act(gate) * up"
+    layout = _layout(first, second, gate, shape(hidden)[1], num_experts)
+    if layout not in LAYOUTS:
+        return layout  # the reason it is none
     return DispatchMatch(
-        pattern="hf_grouped_mm",
-        output=output,
-        region=region,
-        hidden=hidden,
-        ids=ids,
-        weights=weights,
-        w_gate_up=gate_up,
-        w_down=down,
-        activation=activation_name(act),
-        layout="gate_up_concat",
-        module=module_path(first),
+        pattern="hf_experts", output=output, region=region, hidden=hidden, ids=ids, weights=weights,
+        w_gate_up=first.param, w_down=second.param, activation=gate.activation, layout=layout,
+        module=module_path(first.node), b_gate_up=first.bias, b_down=second.bias,
+        activation_args=gate.activation_args,
     )
+
+
+def _gemm_input(gemm: _Gemm) -> Node:
+    """The activations operand: grouped_mm(x, W), bmm(W[ids], x[..., None]), bmm(x[:, None], W[ids])."""
+    node = gemm.node
+    if op_kind(node) == "grouped_mm" or gemm.transposed:
+        return node.args[0]
+    return node.args[1]
+
+
+def _match_gate(first: Node, nodes: list[Node]) -> GateMatch | str:
+    reasons = []
+    for form in GATE_FORMS:
+        found = form(first, nodes)
+        if isinstance(found, GateMatch):
+            return found
+        reasons.append(found)
+    return "; ".join(reasons)
+
+
+def _weighs_output(mul: Node, down_gemm: Node, weights: Node) -> bool:
+    """``mul`` is (the second GEMM's output, + bias) * (the routing weights, permuted)."""
+    operands = [a for a in mul.args if isinstance(a, Node)]
+    return (
+        len(operands) == 2
+        and any(strip(o, LAYOUT_KINDS | {"masked_fill", "add"}) is down_gemm for o in operands)
+        and any(_derives_from(o, weights) for o in operands)
+    )
+
+
+def _derives_from(node: Node, source: Node) -> bool:
+    while isinstance(node, Node):
+        if node is source:
+            return True
+        if op_kind(node) not in LAYOUT_KINDS or not node.args:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _clamps_ids(node: Node, num_experts: int) -> bool:
+    """``expert_ids.clamp_(max=E - 1)``: the expert-parallel guard on ids, a no-op here."""
+    return arg(node, 2, "max", arg(node, 1, "min")) == num_experts - 1
+
+
+def _layout(first: _Gemm, second: _Gemm, gate: GateMatch, hidden_dim, num_experts: int) -> str:
+    """The experts op layout name, or the reason the weights fit none."""
+    up, down = shape(first.param), shape(second.param)
+    if (first.bias is not None or second.bias is not None) and not first.transposed:
+        return "expert biases with the [E, 2I, H] layout are not supported"
+    if up[0] != num_experts or down[0] != num_experts:
+        return f"expert parameters hold {up[0]} / {down[0]} experts, the router {num_experts}"
+    if gate.interleaved != first.transposed:
+        return "gate/up interleaving and weight transposition do not match a known layout"
+    if not first.transposed:  # [E, 2I, H] and [E, H, I]
+        ok = same_size(up[2], hidden_dim) and up[1] % 2 == 0 and same_sizes(down, (num_experts, hidden_dim, up[1] // 2))
+        return "gate_up_concat" if ok else f"expert weights {up} / {down} are not [E, 2I, H] / [E, H, I]"
+    ok = same_size(up[1], hidden_dim) and up[2] % 2 == 0 and same_sizes(down, (num_experts, up[2] // 2, hidden_dim))
+    return "gate_up_interleaved_t" if ok else f"expert weights {up} / {down} are not [E, H, 2I] / [E, I, H]"
+

@@ -77,7 +77,7 @@ _OPERATOR_KINDS = {
 
 _METHOD_KINDS = {
     "float": "cast", "to": "cast", "type": "cast", "int": "cast", "long": "cast",
-    "half": "cast", "bfloat16": "cast",
+    "half": "cast", "bfloat16": "cast", "bool": "cast",
     "view": "view", "reshape": "view", "contiguous": "view", "unsqueeze": "view",
     "squeeze": "view", "flatten": "view", "expand": "view",
     "transpose": "transpose", "t": "transpose", "permute": "transpose",
@@ -256,6 +256,23 @@ def region_inputs(region: set[Node]) -> list[Node]:
 def escaping_nodes(region: set[Node], output: Node) -> list[Node]:
     """Region nodes other than ``output`` that something outside the region still uses."""
     return [n for n in region if n is not output and any(u not in region for u in n.users)]
+
+
+def erase_dead(graph: torch.fx.Graph, candidates: Iterable[Node]) -> None:
+    """Erase the candidates nothing outside them uses any more (in-place writers go with
+    the tensor they write into)."""
+    dead = set(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(dead):
+            target = node.args[0] if node.args else None
+            writes_into_live = isinstance(target, Node) and mutates(node, target) and target not in dead
+            alive = writes_into_live or any(u not in dead for u in node.users)
+            if alive:
+                dead.discard(node)
+                changed = True
+    erase_nodes(graph, dead)
 
 
 def erase_nodes(graph: torch.fx.Graph, nodes: Iterable[Node]) -> None:

@@ -11,13 +11,13 @@ from torch.fx.node import map_arg
 from .. import ops  # noqa: F401  (registers torch.ops.lynx)
 from ..settings import SelectorSettings
 from .dispatch import DispatchMatch
-from .graph_utils import erase_nodes, example_value
+from .graph_utils import dtype, erase_dead, erase_nodes, example_value
 from .routers import RouterMatch
 
 
-def _call(graph: Graph, target, args: tuple, like: Node) -> Node:
+def _call(graph: Graph, target, args: tuple, like: Node, kwargs: dict | None = None) -> Node:
     """Insert ``target(*args)`` with ``like``'s source metadata and a fake example value."""
-    node = graph.call_function(target, args)
+    node = graph.call_function(target, args, kwargs or {})
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
@@ -28,7 +28,7 @@ def _call(graph: Graph, target, args: tuple, like: Node) -> Node:
     )
     if fake_mode is not None:
         with fake_mode:
-            node.meta["example_value"] = target(*fake_args)
+            node.meta["example_value"] = target(*fake_args, **(kwargs or {}))
     return node
 
 
@@ -47,6 +47,7 @@ def replace_dispatch(graph: Graph, match: DispatchMatch) -> Node:
 
 
 def replace_router(graph: Graph, match: RouterMatch, settings: SelectorSettings, decode_only: bool) -> Node:
+    rule = match.rule
     seq_len = example_value(match.layer_input).shape[1]
     with graph.inserting_before(match.topk):
         if not isinstance(seq_len, int):  # dynamic sequence length: read it at run time
@@ -54,13 +55,17 @@ def replace_router(graph: Graph, match: RouterMatch, settings: SelectorSettings,
         select = _call(
             graph,
             torch.ops.lynx.select_experts.default,
-            (match.logits, match.top_k, seq_len, settings.alpha, settings.beta,
-             match.renormalize, decode_only),
+            (match.logits, match.score_bias, match.top_k, seq_len, settings.alpha, settings.beta, decode_only,
+             rule.scoring, rule.renormalize, rule.softmax_after_topk, rule.num_groups, rule.topk_groups,
+             rule.group_score, rule.scaling_factor),
             like=match.topk,
         )
         weights = _call(graph, operator.getitem, (select, 0), like=match.topk)
         ids = _call(graph, operator.getitem, (select, 1), like=match.topk)
+    if dtype(match.weights) != torch.float32:  # keep the dtype the router handed on
+        with graph.inserting_after(weights):
+            weights = _call(graph, torch.Tensor.to, (weights,), like=match.topk, kwargs={"dtype": dtype(match.weights)})
     match.weights.replace_all_uses_with(weights)
     match.ids.replace_all_uses_with(ids)
-    erase_nodes(graph, match.nodes)
+    erase_dead(graph, match.nodes)
     return select

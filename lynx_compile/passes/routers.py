@@ -1,21 +1,27 @@
 """Router patterns: from a ``topk`` node back to the router logits and forward to its outputs.
 
 Each pattern is one function ``topk node -> RouterMatch | reason``, registered in
-``ROUTER_PATTERNS``; a new router rule is a new function here.
+``ROUTER_PATTERNS``; a new router rule is a new function here. Patterns share the pieces a
+router is made of: the logits' source (a linear layer on the layer input), a group mask
+(DeepSeek), and the weight transforms after top-k (renormalise, scale).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch.fx import Node
 
+from ..selector import RouterRule
 from .graph_utils import (
     arg,
+    backward_region,
     is_last_dim,
     module_path,
     module_stack,
+    mutates,
     op_kind,
     shape,
     strip,
@@ -26,16 +32,17 @@ from .graph_utils import (
 @dataclass
 class RouterMatch:
     pattern: str
-    topk: Node
+    topk: Node  # the final top-k: the selector goes in its place
     logits: Node  # what the selector op reads
     weights: Node  # its uses take the selector's weights
     ids: Node  # its uses take the selector's expert ids
-    nodes: list[Node]  # router nodes the selector replaces
+    nodes: set[Node]  # router nodes between the logits and the outputs (erased once unused)
     top_k: int
     num_experts: int
-    renormalize: bool
+    rule: RouterRule
     layer_input: Node  # [batch, seq, hidden]: the selector needs seq to tell decode from prefill
     hidden_aliases: set[Node] = field(default_factory=set)  # views of layer_input
+    score_bias: Node | None = None  # selection-only bias (DeepSeek-V3)
     module: str = ""
     modules: dict[str, str] = field(default_factory=dict)  # enclosing module path -> class
 
@@ -63,19 +70,31 @@ def match_router(topk: Node) -> RouterMatch | str:
     return "; ".join(reasons)
 
 
+# --- shared pieces ----------------------------------------------------------------------
+
 def topk_args(topk: Node) -> tuple[Node, int] | str:
-    """(input, k) of a ``torch.topk`` call, or why it is not a router's top-k."""
+    """(input, k) of a router's ``torch.topk`` over the experts, or why it is not one."""
     scores = arg(topk, 0, "input")
     k = arg(topk, 1, "k")
-    dim = arg(topk, 2, "dim", -1)
     if not isinstance(scores, Node) or not isinstance(k, int):
         return "top-k size is not a constant"
     scores_shape = shape(scores)
     if scores_shape is None or len(scores_shape) != 2:
         return f"top-k input is not a 2-D [tokens, experts] tensor (shape {scores_shape})"
-    if not is_last_dim(dim, 2) or not arg(topk, 3, "largest", True):
+    if not is_last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
         return "top-k is not over the largest entries of the last dim"
+    if not 1 <= k <= scores_shape[1]:
+        return f"top-k size {k} is outside [1, {scores_shape[1]}]"
     return scores, k
+
+
+def topk_outputs(topk: Node, need_values: bool) -> tuple[Node | None, Node] | str:
+    outs = tuple_outputs(topk)
+    if len(outs) != len(topk.users):
+        return "top-k result is used as a whole, not as (values, indices)"
+    if 1 not in outs or (need_values and 0 not in outs):
+        return "top-k values or indices are unused"
+    return outs.get(0), outs[1]
 
 
 def layer_input(router_input: Node) -> tuple[Node, set[Node]] | None:
@@ -102,31 +121,8 @@ def _view_family(root: Node) -> set[Node]:
     return family
 
 
-def _renormalization(values: Node) -> tuple[Node, list[Node]] | None:
-    """``values / values.sum(-1, keepdim=True)`` after top-k: (result, its nodes), else None."""
-    users = list(values.users)
-    sums = [u for u in users if op_kind(u) == "sum" and u.args[0] is values]
-    divs = [u for u in users if op_kind(u) == "div" and u.args[0] is values]
-    if len(users) != 2 or len(sums) != 1 or len(divs) != 1:
-        return None
-    total, div = sums[0], divs[0]
-    if div.args[1] is not total or not is_last_dim(arg(total, 1, "dim"), 2):
-        return None
-    if not arg(total, 2, "keepdim", False):
-        return None
-    return div, [total, div]
-
-
-def _router_outputs(topk: Node) -> tuple[Node, Node] | str:
-    outs = tuple_outputs(topk)
-    if len(outs) != len(topk.users):
-        return "top-k result is used as a whole, not as (values, indices)"
-    if 0 not in outs or 1 not in outs:
-        return "top-k values or indices are unused"
-    return outs[0], outs[1]
-
-
-def _logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
+def logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
+    """The layer input behind router logits computed by a linear layer."""
     linear = strip(logits)
     if op_kind(linear) != "linear":
         return f"router scores come from {op_kind(linear)}, not a linear layer"
@@ -136,49 +132,189 @@ def _logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
     return found
 
 
+def _const(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
+    """Renormalisation and scaling applied to top-k weights.
+
+    Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` in the denominator,
+    in place or not) and then ``w * constant``. Returns (final node, renormalised, scale).
+    """
+    node, renormalize, scale = weights, False, 1.0
+    users = list(node.users)
+    sums = [u for u in users if op_kind(u) == "sum" and u.args[0] is node]
+    if sums:
+        total = sums[0]
+        if not is_last_dim(arg(total, 1, "dim"), 2) or not arg(total, 2, "keepdim", False):
+            return "top-k weights are summed over something other than the experts dim"
+        denominator, eps_node = total, None
+        if len(total.users) == 1 and op_kind(next(iter(total.users))) == "add":
+            eps_node = next(iter(total.users))
+            if _const(eps_node.args[1]) is None or _const(eps_node.args[1]) > 1e-6:
+                return "the renormalisation denominator adds something other than a tiny epsilon"
+            denominator = eps_node
+        divs = [u for u in users if op_kind(u) == "div" and u.args[0] is node and u.args[1] is denominator]
+        if len(users) != 2 or len(divs) != 1:
+            return "top-k weights are used beside their renormalisation"
+        node, renormalize = divs[0], True
+    elif any(op_kind(u) == "div" for u in users):
+        return "top-k weights are divided by something other than their sum"
+    if len(node.users) == 1:
+        user = next(iter(node.users))
+        factor = _const(user.args[1]) if op_kind(user) == "mul" and user.args[0] is node else None
+        if factor is not None:
+            node, scale = user, factor
+    return node, renormalize, scale
+
+
+def match_group_mask(masked: Node) -> tuple[Node, int, int, str, Node] | str:
+    """DeepSeek's group limit: ``scores.masked_fill(~group_mask(...).bool(), fill)``.
+
+    Returns (scores, num_groups, topk_groups, group score rule, the masked_fill node).
+    """
+    scores, invert = masked.args[0], arg(masked, 1, "mask")
+    to_bool = invert.args[0] if isinstance(invert, Node) and invert.target is operator.invert else None
+    expanded = strip(to_bool, {"cast", "view"}) if to_bool is not None else None
+    if op_kind(expanded) != "zeros_like":
+        return "the score mask is not built from a group mask"
+    scatters = [u for u in expanded.users if mutates(u, expanded) and op_kind(u) == "scatter"]
+    if len(scatters) != 1:
+        return "the group mask is not filled by one scatter_"
+    group_topk = scatters[0].args[2].args[0] if op_kind(scatters[0].args[2]) == "getitem" else None
+    if op_kind(group_topk) != "topk":
+        return "the group mask does not come from a top-k over groups"
+    group_scores = arg(group_topk, 0, "input")
+    topk_groups = arg(group_topk, 1, "k")
+    reduced = strip(group_scores, {"getitem"})
+    if op_kind(reduced) == "sum" and op_kind(strip(reduced.args[0], {"getitem"})) == "topk":
+        inner_topk, rule = strip(reduced.args[0], {"getitem"}), "top2_sum"
+        if arg(inner_topk, 1, "k") != 2:
+            return "group scores sum a top-k other than the best two"
+        grouped = inner_topk.args[0]
+    elif op_kind(reduced) == "method:max":
+        grouped, rule = reduced.args[0], "max"
+    else:
+        return f"group scores come from {op_kind(reduced)}, not max or a top-2 sum"
+    grouped_shape = shape(grouped)
+    if op_kind(grouped) != "view" or grouped_shape is None or len(grouped_shape) != 3 or grouped.args[0] is not scores:
+        return "the groups are not a [tokens, groups, experts/groups] view of the scores"
+    return scores, grouped_shape[1], topk_groups, rule, masked
+
+
+def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) -> RouterMatch | str:
+    source = logits_source(logits)
+    if isinstance(source, str):
+        return source
+    root, aliases = source
+
+    def stop(node: Node) -> bool:
+        return node is logits or node.op in ("placeholder", "get_attr")
+
+    nodes = (backward_region(weights, stop) or set()) | (backward_region(ids, stop) or set())
+    return RouterMatch(
+        pattern=pattern, topk=topk, logits=logits, weights=weights, ids=ids, nodes=nodes, top_k=top_k,
+        num_experts=shape(logits)[1], rule=rule, layer_input=root, hidden_aliases=aliases,
+        score_bias=score_bias, module=module_path(topk), modules=module_stack(topk),
+    )
+
+
+# --- patterns ---------------------------------------------------------------------------
+
 @router_pattern("softmax_topk")
 def softmax_topk(topk: Node) -> RouterMatch | str:
-    """softmax(logits) -> top-k -> optional renormalisation (Mixtral, Qwen2/3-MoE, OLMoE)."""
+    """softmax -> [group limit] -> top-k -> [renormalise] -> [scale].
+
+    Mixtral, Qwen2/3-MoE, OLMoE (renormalised or not), DeepSeek-V2 (greedy or group-limited).
+    """
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
     probs, k = parsed
+    group = (1, 1, "max")
+    if op_kind(probs) == "masked_fill":
+        found = match_group_mask(probs)
+        if isinstance(found, str):
+            return found
+        probs, num_groups, topk_groups, group_score, masked = found
+        if arg(masked, 2, "value") not in (0, 0.0):
+            return "a softmax group limit that does not zero the other groups"
+        group = (num_groups, topk_groups, group_score)
     if op_kind(probs) != "softmax":
         return f"top-k input is {op_kind(probs)}, not a softmax"
     if not is_last_dim(arg(probs, 1, "dim"), 2):
         return "softmax is not over the experts dim"
-    logits = arg(probs, 0, "input")
-    num_tokens, num_experts = shape(probs)
-    if not 1 <= k <= num_experts:
-        return f"top-k size {k} is outside [1, {num_experts}]"
-    outputs = _router_outputs(topk)
+    outputs = topk_outputs(topk, need_values=True)
     if isinstance(outputs, str):
         return outputs
     values, ids = outputs
-    source = _logits_source(logits)
-    if isinstance(source, str):
-        return source
-    root, aliases = source
-    renorm = _renormalization(values)
-    weights, extra = (values, []) if renorm is None else renorm
-    if renorm is None and any(op_kind(u) == "div" for u in values.users):
-        return "top-k weights are divided by something other than their sum"
-    nodes = [topk, values, ids, *extra]
-    if set(probs.users) == {topk}:
-        nodes.insert(0, probs)
-    return RouterMatch(
-        pattern="softmax_topk",
-        topk=topk,
-        logits=logits,
-        weights=weights,
-        ids=ids,
-        nodes=nodes,
-        top_k=k,
-        num_experts=num_experts,
-        renormalize=renorm is not None,
-        layer_input=root,
-        hidden_aliases=aliases,
-        module=module_path(topk),
-        modules=module_stack(topk),
-    )
+    transformed = weight_transforms(values)
+    if isinstance(transformed, str):
+        return transformed
+    weights, renormalize, scale = transformed
+    rule = RouterRule("softmax", renormalize, False, *group, scale)
+    return _build("softmax_topk", topk, arg(probs, 0, "input"), weights, ids, k, rule)
 
+
+@router_pattern("topk_softmax")
+def topk_softmax(topk: Node) -> RouterMatch | str:
+    """top-k of the logits -> softmax over those k (GPT-OSS)."""
+    parsed = topk_args(topk)
+    if isinstance(parsed, str):
+        return parsed
+    logits, k = parsed
+    if op_kind(strip(logits)) != "linear":
+        return f"top-k input is {op_kind(strip(logits))}, not router logits"
+    outputs = topk_outputs(topk, need_values=True)
+    if isinstance(outputs, str):
+        return outputs
+    values, ids = outputs
+    users = list(values.users)
+    if len(users) != 1 or op_kind(users[0]) != "softmax" or not is_last_dim(arg(users[0], 1, "dim"), 2):
+        return "the top-k values are not turned into weights by a softmax over the k"
+    rule = RouterRule("softmax", True, True)
+    return _build("topk_softmax", topk, logits, users[0], ids, k, rule)
+
+
+@router_pattern("sigmoid_topk")
+def sigmoid_topk(topk: Node) -> RouterMatch | str:
+    """sigmoid -> [+ selection bias] -> [group limit] -> top-k -> gather the unbiased
+    scores -> [renormalise] -> [scale] (DeepSeek-V3, GLM-4.5 and other sigmoid routers)."""
+    parsed = topk_args(topk)
+    if isinstance(parsed, str):
+        return parsed
+    choice, k = parsed
+    group = (1, 1, "max")
+    if op_kind(choice) == "masked_fill":
+        found = match_group_mask(choice)
+        if isinstance(found, str):
+            return found
+        choice, num_groups, topk_groups, group_score, masked = found
+        if arg(masked, 2, "value") != float("-inf"):
+            return "a sigmoid group limit that does not mask the other groups with -inf"
+        group = (num_groups, topk_groups, group_score)
+    bias = None
+    if op_kind(choice) == "add":
+        scores, bias = choice.args
+        if not isinstance(bias, Node) or bias.op not in ("placeholder", "get_attr") or shape(bias) != (shape(scores)[1],):
+            return "the selection scores add something other than a per-expert bias buffer"
+    else:
+        scores = choice
+    if op_kind(scores) != "sigmoid":
+        return f"top-k input is {op_kind(scores)}, not sigmoid scores"
+    outputs = topk_outputs(topk, need_values=False)
+    if isinstance(outputs, str):
+        return outputs
+    values, ids = outputs
+    if values is not None:
+        return "top-k values of biased scores are used as weights"
+    gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] is scores]
+    if len(gathers) != 1 or not is_last_dim(gathers[0].args[1], 2):
+        return "the weights are not the router's scores gathered at the chosen experts"
+    transformed = weight_transforms(gathers[0])
+    if isinstance(transformed, str):
+        return transformed
+    weights, renormalize, scale = transformed
+    rule = RouterRule("sigmoid", renormalize, False, *group, scale)
+    return _build("sigmoid_topk", topk, scores.args[0], weights, ids, k, rule, score_bias=bias)
