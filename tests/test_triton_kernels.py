@@ -268,6 +268,23 @@ def test_selector_ties(num_tokens, num_experts, k, alpha, beta):
         check_selector(tied_logits(num_tokens, num_experts, seed), k, alpha, beta, renormalize=bool(seed))
 
 
+def test_selector_many_small_batches():
+    """Random shapes and settings; the selection must also move experts, not only copy top-k."""
+    g = torch.Generator().manual_seed(11)
+    shrank = 0
+    for case in range(16):
+        num_tokens = int(torch.randint(2, 11, (1,), generator=g))
+        num_experts = (8, 16, 32)[case % 3]
+        k = int(torch.randint(1, min(num_experts, 6) + 1, (1,), generator=g))
+        alpha = (0.5, 0.7, 1.0, 2.0, 3.0)[case % 5]
+        beta = (None, 1, 2)[case % 3 - 1]
+        logits = skewed_logits(num_tokens, num_experts, seed=100 + case, spread=float(torch.rand(1, generator=g)) * 3)
+        check_selector(logits, k, alpha, beta, renormalize=case % 2 == 0)
+        plain = logits.topk(k).indices.unique().numel()
+        shrank += batch_aware_topk(logits, k, alpha, beta).unique().numel() < plain
+    assert shrank >= 4, f"only {shrank} of 16 batches used fewer experts than plain top-k"
+
+
 def test_selector_uniform_random_and_large_batch():
     g = torch.Generator().manual_seed(7)
     check_selector(torch.randn(64, 128, generator=g), 8, 3.0, 2)

@@ -53,6 +53,7 @@ def _stages(block_m: int, block_n: int, block_k: int, weight_tiles: int, elem_by
     return max(1, min(wanted, _SMEM_BUDGET // per_stage))
 
 
+@functools.lru_cache(maxsize=1024)  # called on every launch: keep the host path short
 def default_config(
     num_tokens: int, top_k: int, num_experts: int, hidden_size: int, inter_size: int,
     elem_bytes: int, device: torch.device, interpreted: bool,
