@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 unset TRITON_INTERPRET
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU image: python3
 if [ "${1:-}" = "--dry-run" ]; then
   test_env=(env -u LYNX_TEST_CUDA) bench_args=(--dry-run --no-sweep)
 else
@@ -25,7 +25,7 @@ fi
   "$PYTHON" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/gpu_env.txt"
 
-echo "== Triton kernel tests on the GPU (LYNX_TEST_CUDA=1 pytest -m triton)"
+echo "== Triton kernel tests (${test_env[*]} pytest -m triton)"
 timeout 150 "${test_env[@]}" "$PYTHON" -m pytest -q -m triton -p no:cacheprovider \
   --continue-on-collection-errors -W ignore::pytest.PytestConfigWarning 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}

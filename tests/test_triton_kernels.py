@@ -147,9 +147,17 @@ def test_experts_mixed_dtypes():
     check_experts((x.float(), ids, weights.bfloat16(), *rest), "gelu", "gate_up_concat", dtype=torch.bfloat16)
 
 
-def test_experts_with_gpu_default_config(monkeypatch):
-    """The config the GPU would pick (narrow tiles, deep K blocks) is valid and correct."""
+@pytest.fixture
+def h200_sm_count(monkeypatch):
+    """default_config as on an H200 (132 SMs), without a cached answer from elsewhere."""
     monkeypatch.setattr(triton_experts_config, "_sm_count", lambda index: 132)
+    default_config.cache_clear()
+    yield
+    default_config.cache_clear()
+
+
+def test_experts_with_gpu_default_config(h200_sm_count):
+    """The config the GPU would pick (narrow tiles, deep K blocks) is valid and correct."""
     config = default_config(4, 2, 8, 48, 40, 2, torch.device("cuda", 0), interpreted=False)
     args = make_experts("gate_up_concat", 4, 48, 40, 8, 2, torch.bfloat16)
     check_experts(args, "silu", "gate_up_concat", config=config)
@@ -159,8 +167,7 @@ MODEL_SHAPES = [(4096, 14336, 8, 2), (2048, 768, 128, 8), (2048, 1024, 64, 8), (
 
 
 @pytest.mark.parametrize("hidden,inter,num_experts,k", MODEL_SHAPES)
-def test_gpu_default_config_is_sane(monkeypatch, hidden, inter, num_experts, k):
-    monkeypatch.setattr(triton_experts_config, "_sm_count", lambda index: 132)
+def test_gpu_default_config_is_sane(h200_sm_count, hidden, inter, num_experts, k):
     for num_tokens in (1, 2, 4, 8, 16, 32, 64, 256):
         config = default_config(num_tokens, k, num_experts, hidden, inter, 2, torch.device("cuda", 0), interpreted=False)
         config.check()
@@ -189,6 +196,8 @@ def test_experts_reject_bad_arguments():
         grouped_experts_triton(x, ids, weights, w_gate_up, w_down.half(), None, None, None, "silu", "gate_up_concat", [])
     with pytest.raises(ValueError, match="w_down"):
         grouped_experts_triton(x, ids, weights, w_gate_up, w_down[:, :, :-1], None, None, None, "silu", "gate_up_concat", [])
+    with pytest.raises(ValueError, match="3-D"):
+        grouped_experts_triton(x, ids, weights, w_gate_up[0], w_down, None, None, None, "silu", "gate_up_concat", [])
     with pytest.raises(ValueError, match="hidden"):
         grouped_experts_triton(x[:, :-1], ids, weights, w_gate_up, w_down, None, None, None, "silu", "gate_up_concat", [])
     with pytest.raises(ValueError, match="out"):

@@ -61,6 +61,8 @@ def _interpreted() -> bool:
 
 def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
     """Sizes and strides that place every layout's weights in the kernels' (k, n) terms."""
+    if any(w is not None and w.dim() != 3 for w in (w_gate_up, w_up, w_down)):
+        raise ValueError(f"expert weights must be 3-D [E, ., .], got {[tuple(w.shape) for w in (w_gate_up, w_up, w_down) if w is not None]}")
     num_experts = w_gate_up.shape[0]
     s = w_gate_up.stride()
     if layout == "gate_up_interleaved_t":  # [E, H, 2I], gate/up in alternating columns
