@@ -60,6 +60,7 @@ from moe_layer_baselines import hf_paths  # noqa: E402
 from moe_layer_shapes import BATCHES, MODELS  # noqa: E402
 from lynx_compile.kernels.triton_experts import grouped_experts_triton  # noqa: E402
 from lynx_compile.kernels.triton_experts_config import default_config  # noqa: E402
+from lynx_compile.kernels.triton_moe_align import align_routing  # noqa: E402
 from lynx_compile.kernels.triton_select import select_experts_triton  # noqa: E402
 
 START = time.monotonic()
@@ -257,6 +258,8 @@ def bench_model(shape, copy_gbps, rows):
 
         ours_us = time_graph([run("ours", c) for c in range(len(layers))])
         ours_eager_us = time_eager([run("ours", c) for c in range(len(layers))])
+        block_m = default_config(t, shape.top_k, shape.experts, hidden_size, inter, 2, DEVICE, interpreted=ARGS.dry_run).block_m
+        align_us = time_graph([lambda: align_routing(ids, shape.experts, block_m)])
         gmm_us, gmm_mode = time_graph_or_eager([run("grouped_mm", c) for c in range(len(layers))])
         gmm_eager_us = time_eager([run("grouped_mm", c) for c in range(len(layers))])
         hf_eager_us = time_eager([run("eager", c) for c in range(len(layers))], iters=10)
@@ -281,7 +284,7 @@ def bench_model(shape, copy_gbps, rows):
             model=shape.name, T=t, distinct_topk=distinct, distinct_lynx=distinct_lynx,
             uniform_expect=round(shape.experts * (1 - (1 - shape.top_k / shape.experts) ** t), 1),
             mb_topk=round(mb, 1), mb_lynx=round(mb_lynx, 1),
-            ours_us=round(ours_us, 1), ours_gbps=round(ours_gbps), ours_pct_copy=round(100 * ours_gbps / copy_gbps, 1),
+            ours_us=round(ours_us, 1), align_us=round(align_us, 1), ours_gbps=round(ours_gbps), ours_pct_copy=round(100 * ours_gbps / copy_gbps, 1),
             gmm_us=round(gmm_us, 1), gmm_gbps=round(mb / gmm_us * 1e3), hf_eager_us=round(hf_eager_us, 1),
             speedup_vs_gmm=round(gmm_us / ours_us, 2),
             ours_eager_us=round(ours_eager_us, 1), gmm_eager_us=round(gmm_eager_us, 1), gmm_timing=gmm_mode,
@@ -342,7 +345,7 @@ def sweep_model(shape, sweep_rows):
 
 MAIN_COLUMNS = [
     ("model", "model"), ("T", "T"), ("distinct_topk", "experts top-k"), ("uniform_expect", "uniform"),
-    ("mb_topk", "MB read"), ("ours_us", "ours us"), ("ours_gbps", "ours GB/s"), ("ours_pct_copy", "% copy BW"),
+    ("mb_topk", "MB read"), ("ours_us", "ours us"), ("align_us", "of which align us"), ("ours_gbps", "ours GB/s"), ("ours_pct_copy", "% copy BW"),
     ("gmm_us", "grouped_mm us"), ("hf_eager_us", "HF eager us"), ("speedup_vs_gmm", "x vs grouped_mm"),
     ("ours_eager_us", "ours eager us"), ("gmm_eager_us", "grouped_mm eager us"), ("gmm_timing", "grouped_mm timed"),
     ("max_rel_err", "rel err"),
