@@ -8,6 +8,7 @@ Public API: ``select_experts``, ``LynxOptions``, ``last_report``, ``capture_rout
 
 from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
 from .backend import lynx_backend
+from .calibrate import calibrate
 from .capture import capture_routing
 from .options import LynxOptions
 from .report import LynxReport, last_report
@@ -16,6 +17,7 @@ from .selector import select_experts
 __all__ = [
     "LynxOptions",
     "LynxReport",
+    "calibrate",
     "capture_routing",
     "last_report",
     "lynx_backend",
