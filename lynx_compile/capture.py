@@ -26,6 +26,10 @@ class RoutingEvent:
     ids: torch.Tensor
     weights: torch.Tensor
     rerouted: bool  # False: plain top-k (prefill, or a single token)
+    rule: object  # selector.RouterRule
+    alpha: float
+    beta: int | None
+    score_bias: torch.Tensor | None
 
 
 @dataclass
@@ -60,9 +64,11 @@ def capture_routing() -> Iterator[RoutingCapture]:
         _active.remove(cap)
 
 
-def record_routing(logits, seq_len, ids, weights, rerouted) -> None:
+def record_routing(logits, seq_len, ids, weights, rerouted, rule, alpha, beta, score_bias) -> None:
     if _active:
-        event = RoutingEvent(logits.detach().clone(), int(seq_len), ids.clone(), weights.clone(), rerouted)
+        bias = None if score_bias is None else score_bias.detach().clone()
+        event = RoutingEvent(logits.detach().clone(), int(seq_len), ids.clone(), weights.clone(), rerouted,
+                             rule, alpha, beta, bias)
         for cap in _active:
             cap.routing.append(event)
 

@@ -58,7 +58,7 @@ def _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, 
         weights, ids = batch_aware(logits, top_k, alpha, beta, rule, bias)
     else:  # the router's own ops, so prefill numerics are unchanged
         weights, ids = route_plain(logits, top_k, rule, bias)
-    capture.record_routing(logits, seq_len, ids, weights, rerouted)
+    capture.record_routing(logits, seq_len, ids, weights, rerouted, rule, alpha, beta, bias)
     return weights, ids
 
 

@@ -12,7 +12,8 @@ from torch.fx import GraphModule
 from ..options import LynxOptions
 from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
-from .dispatch import match_dispatch
+from . import dispatch_einsum  # noqa: F401  (registers the gpt-fast pattern)
+from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
 from .graph_utils import common_module, module_path, op_kind
 from .rewrite import replace_dispatch, replace_router
 from .routers import RouterMatch, match_router
@@ -50,6 +51,8 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
             report.unmatched.append(UnmatchedCandidate(
                 module_path(node), node.name, "grouped GEMM not fed by a recognised router"
             ))
+        elif op_kind(node) == "fn:one_hot" and node.args[0].op == "placeholder":  # eager experts, after a break
+            report.unmatched.append(UnmatchedCandidate(module_path(node), node.name, EAGER_EXPERTS_HINT))
     if report.matched:
         graph.lint()
         gm.recompile()

@@ -74,17 +74,16 @@ def match_dispatch(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
         if isinstance(found, DispatchMatch):
             return found
         reasons.append(f"{name}: {found}")
-    if _feeds_eager_experts_loop(router.ids):
-        return (
-            "transformers' 'eager' experts loop graph-breaks at every expert, so no backend sees it; "
-            "fix: model.set_experts_implementation('grouped_mm') (or load with experts_implementation='grouped_mm')"
-        )
+    if any(u.op == "output" for u in cast_chain_end(router.ids).users):
+        return "the expert ids leave the graph: the experts run after a graph break. " + EAGER_EXPERTS_HINT
     return "; ".join(reasons)
 
 
-def _feeds_eager_experts_loop(ids: Node) -> bool:
-    """transformers' eager experts: ``one_hot(ids)`` then ``nonzero()`` (a graph break)."""
-    return any(op_kind(u) == "fn:one_hot" for u in ids.users)
+EAGER_EXPERTS_HINT = (
+    "transformers' 'eager' experts implementation loops over experts with nonzero(), which "
+    "graph-breaks, so no backend sees the experts. Fix: model.set_experts_implementation('grouped_mm') "
+    "(or from_pretrained(..., experts_implementation='grouped_mm'))"
+)
 
 
 # --- region helpers ---------------------------------------------------------------------

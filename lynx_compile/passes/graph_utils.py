@@ -31,6 +31,7 @@ _FUNCTION_KINDS: dict[object, str] = {
     torch.bmm: "bmm",
     torch.matmul: "matmul",
     torch.einsum: "einsum",
+    torch.functional.einsum: "einsum",
     torch.gather: "gather",
     torch.index_select: "index_select",
     torch.repeat_interleave: "repeat_interleave",
