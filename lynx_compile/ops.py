@@ -67,10 +67,12 @@ def _(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, scori
       softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor):
     rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
     kernels = _cuda_kernels()
-    plain_softmax = RouterRule(renormalize=renormalize)
-    if kernels is not None and rule == plain_softmax and score_bias is None:
+    # The Triton selector covers ungrouped softmax routers; softmax over the chosen k logits
+    # (GPT-OSS) is softmax -> top-k -> renormalise.
+    triton_rules = (RouterRule(renormalize=renormalize), RouterRule(renormalize=True, softmax_after_topk=True))
+    if kernels is not None and rule in triton_rules and score_bias is None:
         def batch_aware(logits, top_k, alpha, beta, rule, bias):
-            return kernels.select_experts_triton(logits, top_k, alpha, beta, rule.renormalize)
+            return kernels.select_experts_triton(logits, top_k, alpha, beta, True if rule.softmax_after_topk else rule.renormalize)
     else:  # rules the Triton kernel does not cover run the torch reference on the GPU
         batch_aware = route_batch_aware
     return _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, batch_aware)

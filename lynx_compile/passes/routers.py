@@ -59,6 +59,11 @@ def router_pattern(name: str):
     return register
 
 
+class Refusal(str):
+    """A reason from a pattern that recognised the router but cannot support it: it is the
+    whole story, so the other patterns' reasons are left out of the report."""
+
+
 def match_router(topk: Node) -> RouterMatch | str:
     """The first pattern that matches, or the reasons none did."""
     reasons = []
@@ -66,6 +71,8 @@ def match_router(topk: Node) -> RouterMatch | str:
         found = pattern(topk)
         if isinstance(found, RouterMatch):
             return found
+        if isinstance(found, Refusal):
+            return f"{name}: {found}"
         reasons.append(f"{name}: {found}")
     return "; ".join(reasons)
 
@@ -271,6 +278,11 @@ def topk_softmax(topk: Node) -> RouterMatch | str:
         return outputs
     values, ids = outputs
     users = list(values.users)
+    if any(op_kind(u) == "scatter" for u in users):
+        return Refusal(
+            "dense routing: the top-k scores are scattered into a [tokens, experts] matrix and every "
+            "expert runs on every token (transformers' Llama-4); there is no sparse experts dispatch to select for"
+        )
     if len(users) != 1 or op_kind(users[0]) != "softmax" or not is_last_dim(arg(users[0], 1, "dim"), 2):
         return "the top-k values are not turned into weights by a softmax over the k"
     rule = RouterRule("softmax", True, True)
