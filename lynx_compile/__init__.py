@@ -2,8 +2,8 @@
 
     model.forward = torch.compile(model.forward, backend="lynx")
 
-Public API: ``select_experts``, ``LynxOptions``, ``last_report``, ``capture_routing``,
-``lynx_backend``.
+Public API: ``select_experts``, ``LynxOptions``, ``last_report``, ``collect_reports``,
+``capture_routing``, ``calibrate``, ``lynx_backend``.
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
@@ -11,7 +11,7 @@ from .backend import lynx_backend
 from .calibrate import calibrate
 from .capture import capture_routing
 from .options import LynxOptions
-from .report import LynxReport, last_report
+from .report import LynxReport, collect_reports, last_report
 from .selector import select_experts
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "LynxReport",
     "calibrate",
     "capture_routing",
+    "collect_reports",
     "last_report",
     "lynx_backend",
     "select_experts",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -86,11 +88,26 @@ def describe_rule(rule, biased: bool) -> str:
 
 
 _last: LynxReport | None = None
+_collectors: list[list[LynxReport]] = []
 
 
 def set_last_report(report: LynxReport) -> None:
     global _last
     _last = report
+    for reports in _collectors:
+        reports.append(report)
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[list[LynxReport]]:
+    """The reports of every lynx compilation inside the block, in order (a forward with graph
+    breaks compiles to several graphs; ``last_report()`` holds only the last)."""
+    reports: list[LynxReport] = []
+    _collectors.append(reports)
+    try:
+        yield reports
+    finally:
+        _collectors.remove(reports)
 
 
 def last_report() -> LynxReport | None:

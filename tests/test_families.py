@@ -1,4 +1,5 @@
-"""End to end on tiny Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models, fp32 and bf16.
+"""End to end on tiny models of every supported transformers family, fp32 and bf16:
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS (grouped_mm, and batched_mm).
 
 The rewritten graph runs without Inductor here (compiler="eager") so that these tests
 check lynx's own rewrite and ops; tests/test_inductor.py covers the Inductor hand-off.
@@ -10,14 +11,15 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
-from moe_models import FAMILIES, VOCAB, router_modules, tiny_model
+from moe_models import FAMILIES, VOCAB, moe_blocks, router_modules, tiny_model
 
-from lynx_compile import capture_routing, last_report, select_experts
+from lynx_compile import capture_routing, last_report
+from lynx_compile.selector import route_batch_aware
 
 ALPHA, BETA = 3.0, 2
-CASES = [(f, d) for f in FAMILIES for d in (torch.float32, torch.bfloat16)]
-IDS = [f"{f}-{str(d).split('.')[-1]}" for f, d in CASES]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CASES = [pytest.param(f, d, id=f"{f}-{d}") for f in FAMILIES for d in DTYPES]
+BATCHED = [pytest.param(f, id=f"{f}-batched_mm") for f in FAMILIES]
 
 
 def tolerance(dtype):
@@ -42,25 +44,13 @@ def run_eager(model, input_ids):
 
 @contextlib.contextmanager
 def reference_routing(model, family):
-    """Every router of ``model`` routes with ``select_experts`` (our reference selector);
-    the experts stay transformers' own. Yields the expert ids each router chose."""
+    """Every router routes with ``select_experts`` (our reference selector, called with the
+    family's rule written out in moe_models.py); the experts stay transformers' own.
+    Yields the expert ids each router chose."""
     chosen = []
-    renormalize = FAMILIES[family][3]
-
-    def make_forward(gate):
-        def forward(hidden_states):
-            x = hidden_states.reshape(-1, gate.hidden_dim)
-            router_logits = F.linear(x, gate.weight)
-            weights, ids = select_experts(router_logits, gate.top_k, alpha=ALPHA, beta=BETA, renormalize=renormalize)
-            if family != "mixtral":  # these routers hand the experts weights in the logits' dtype
-                weights = weights.to(router_logits.dtype)
-            chosen.append(ids)
-            return router_logits, weights, ids
-        return forward
-
-    gates = [gate for _, gate in router_modules(model)]
+    gates = [gate for _, gate in router_modules(model, family)]
     for gate in gates:
-        gate.forward = make_forward(gate)
+        gate.forward = FAMILIES[family].reference_forward(gate, ALPHA, BETA, chosen)
     try:
         yield chosen
     finally:
@@ -68,63 +58,68 @@ def reference_routing(model, family):
             del gate.forward
 
 
-@pytest.mark.parametrize("family,dtype", CASES, ids=IDS)
-def test_every_moe_layer_matched(family, dtype):
-    _, top_k, num_experts, renormalize = FAMILIES[family]
-    model = tiny_model(family, dtype)
-    run_lynx(model, tokens(2, 5))
-    report = last_report()
+def check_report(report, model, family, policy):
+    spec = FAMILIES[family]
     assert report.unmatched == []
-    assert [m.module for m in report.matched] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert [m.module for m in report.matched] == moe_blocks(model, family)
     for layer in report.matched:
-        assert (layer.num_experts, layer.top_k, layer.renormalize) == (num_experts, top_k, renormalize)
-        assert (layer.router, layer.dispatch, layer.layout, layer.activation) == (
-            "softmax_topk", "hf_experts", "gate_up_concat", "silu")
-        assert layer.policy == "lynx" and layer.alpha is not None
+        assert (layer.num_experts, layer.top_k, layer.rule, layer.layout, layer.policy) == (
+            spec.num_experts, spec.top_k, spec.rule, spec.layout, policy)
 
 
-@pytest.mark.parametrize("family,dtype", CASES, ids=IDS)
-def test_lynx_off_equals_eager(family, dtype):
-    model = tiny_model(family, dtype)
-    for shape in [(2, 7), (16, 1)]:
+def check_lynx_off(model, family, dtype):
+    for shape in [(16, 1), (2, 7)]:
         input_ids = tokens(*shape)
         logits, cap, report = run_lynx(model, input_ids, policy="off")
-        assert len(report.matched) == 2 and cap.routing == []  # router untouched
-        assert len(cap.dispatch) == 2  # experts ran through lynx's op
+        check_report(report, model, family, "off")
+        assert cap.routing == [] and len(cap.dispatch) == len(report.matched)  # router untouched, experts ours
         torch.testing.assert_close(logits, run_eager(model, input_ids), **tolerance(dtype))
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("family,dtype", CASES, ids=IDS)
-def test_lynx_on_decode_matches_reference_selector(family, dtype):
-    _, top_k, _, renormalize = FAMILIES[family]
-    model = tiny_model(family, dtype)
+def check_lynx_on(model, family, dtype):
     input_ids = tokens(16, 1)  # a decode step: one new token for each of 16 sequences
-    logits, cap, _ = run_lynx(model, input_ids, alpha=ALPHA, beta=BETA)
-    assert [e.rerouted for e in cap.routing] == [True, True]
+    logits, cap, report = run_lynx(model, input_ids, alpha=ALPHA, beta=BETA)
+    check_report(report, model, family, "lynx")
+    assert cap.routing and all(e.rerouted for e in cap.routing)
     for event in cap.routing:  # the op chose exactly what the reference chooses on its input
-        ref_w, ref_ids = select_experts(event.logits, top_k, alpha=ALPHA, beta=BETA, renormalize=renormalize)
-        assert torch.equal(event.ids, ref_ids)
-        assert torch.equal(event.weights, ref_w)
+        ref_w, ref_ids = route_batch_aware(event.logits, FAMILIES[family].top_k, ALPHA, BETA, event.rule, event.score_bias)
+        assert torch.equal(event.ids, ref_ids) and torch.equal(event.weights, ref_w)
     with reference_routing(model, family) as ref_chosen:
         ref_logits = run_eager(model, input_ids)
-    assert [torch.equal(e.ids, r) for e, r in zip(cap.routing, ref_chosen)] == [True, True]
+    assert len(ref_chosen) == len(cap.routing)
+    assert all(torch.equal(e.ids.sort(-1).values, r.sort(-1).values) for e, r in zip(cap.routing, ref_chosen))
     torch.testing.assert_close(logits, ref_logits, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("family,dtype", CASES)
+def test_lynx_off_equals_eager(family, dtype):
+    check_lynx_off(tiny_model(family, DTYPES[dtype]), family, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("family,dtype", CASES)
+def test_lynx_on_decode_matches_reference_selector(family, dtype):
+    check_lynx_on(tiny_model(family, DTYPES[dtype]), family, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("family", BATCHED)
+def test_batched_mm_experts_path(family):
+    model = tiny_model(family, experts_implementation="batched_mm")
+    check_lynx_off(model, family, torch.float32)
+    torch._dynamo.reset()
+    check_lynx_on(model, family, torch.float32)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_prefill_keeps_plain_topk(family):
-    _, top_k, _, _ = FAMILIES[family]
+def test_prefill_keeps_plain_routing(family):
     model = tiny_model(family)
     input_ids = tokens(2, 8)
     logits, cap, _ = run_lynx(model, input_ids, alpha=ALPHA, beta=BETA)
-    assert [e.rerouted for e in cap.routing] == [False, False]
-    for event in cap.routing:
-        assert torch.equal(event.ids, torch.softmax(event.logits, -1).topk(top_k).indices)
+    assert cap.routing and not any(e.rerouted for e in cap.routing)
     torch.testing.assert_close(logits, run_eager(model, input_ids), **tolerance(torch.float32))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "deepseek_v3"])
 def test_selector_reads_fewer_experts_in_decode(family):
     model = tiny_model(family)
     input_ids = tokens(16, 1, seed=1)

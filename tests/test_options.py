@@ -48,3 +48,23 @@ def test_unknown_mode_raises():
     compiled = torch.compile(nn.Linear(4, 4), backend="lynx", mode="turbo")
     with pytest.raises(Exception, match="unknown mode 'turbo'"):
         compiled(torch.randn(2, 4))
+
+
+def test_settings_precedence():
+    from lynx_compile.settings import resolve_settings
+
+    def resolve(options, block="Qwen3MoeSparseMoeBlock", k=8, e=128, hidden=2048):
+        return resolve_settings(LynxOptions.from_user(options), "model.layers.0.mlp", block, k, e, hidden)
+
+    released = resolve({})
+    assert (released.alpha, released.beta) == (3.0, 2) and "Qwen3-30B" in released.source
+    mixtral = resolve({}, "MixtralSparseMoeBlock", 2, 8, 4096)
+    assert (mixtral.alpha, mixtral.beta) == (0.7, 1)
+    derived = resolve({}, "Qwen3MoeSparseMoeBlock", 4, 16, 48)
+    assert (derived.alpha, derived.beta, derived.source) == (1.0, 1, "derived from k=4, E=16")
+    top1 = resolve({}, "SomeMoe", 1, 16, 48)
+    assert (top1.alpha, top1.beta) == (1.0, None)
+    assert (resolve({"alpha": 2}).alpha, resolve({"alpha": 2}).beta) == (2.0, 2)  # beta from the default
+    assert resolve({"beta": "none"}).beta is None
+    per_layer = resolve({"alpha": 2, "layer_settings": {"model.layers.0.mlp": (4, None)}})
+    assert (per_layer.alpha, per_layer.beta, per_layer.source) == (4.0, None, "layer_settings")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lynx_compile import last_report
+from lynx_compile import collect_reports, last_report
 
 
 class GatherEinsumMoE(nn.Module):
@@ -77,3 +77,38 @@ def test_graph_without_moe_has_empty_report():
     assert torch.equal(compile_and_run(mlp, x), mlp(x))
     report = last_report()
     assert report.matched == [] and report.unmatched == []
+
+
+def test_eager_experts_loop_reported_with_fix():
+    from moe_models import tiny_model
+
+    model = tiny_model("qwen3_moe")
+    model.set_experts_implementation("eager")
+    input_ids = torch.randint(2, 90, (4, 1))
+    compiled = torch.compile(model.forward, backend="lynx", options={"compiler": "eager"})
+    with torch.no_grad(), collect_reports() as seen:
+        out = compiled(input_ids=input_ids, use_cache=False).logits
+        assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
+    assert len(seen) > 1  # the eager loop breaks the forward into several graphs
+    reasons = [u.reason for r in seen for u in r.unmatched]
+    assert any("set_experts_implementation('grouped_mm')" in r for r in reasons)
+    assert all(not r.matched for r in seen)
+
+
+def test_llama4_dense_routing_reported():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, max_position_embeddings=128,
+    )
+    model = Llama4ForCausalLM(config).eval()
+    input_ids = torch.randint(2, 90, (4, 1))
+    compiled = torch.compile(model.forward, backend="lynx", options={"compiler": "eager"})
+    with torch.no_grad():
+        out = compiled(input_ids=input_ids, use_cache=False).logits
+        assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
+    [candidate] = last_report().unmatched
+    assert candidate.module == "model.layers.0.feed_forward.router"
+    assert "dense routing" in candidate.reason and "Llama-4" in candidate.reason

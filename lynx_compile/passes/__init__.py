@@ -14,7 +14,7 @@ from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
 from . import dispatch_einsum  # noqa: F401  (registers the gpt-fast pattern)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
-from .graph_utils import common_module, module_path, op_kind
+from .graph_utils import common_module, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
 from .routers import RouterMatch, match_router
 
@@ -40,7 +40,9 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
             ))
             continue
         block = common_module([router.module, dispatch.module])
-        settings = resolve_settings(options, block, router.top_k, router.num_experts)
+        hidden_size = shape(dispatch.hidden)[1]
+        settings = resolve_settings(options, block, router.modules.get(block, ""), router.top_k,
+                                    router.num_experts, hidden_size if isinstance(hidden_size, int) else None)
         replace_dispatch(graph, dispatch)
         if options.policy == "lynx":
             replace_router(graph, router, settings, options.decode_only)
