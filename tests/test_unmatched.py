@@ -112,3 +112,16 @@ def test_llama4_dense_routing_reported():
     [candidate] = last_report().unmatched
     assert candidate.module == "model.layers.0.feed_forward.router"
     assert "dense routing" in candidate.reason and "Llama-4" in candidate.reason
+
+
+def test_graphs_with_gradients_left_alone():
+    from moe_models import tiny_model
+
+    model = tiny_model("qwen3_moe")
+    input_ids = torch.randint(2, 90, (4, 1))
+    compiled = torch.compile(model.forward, backend="lynx", options={"compiler": "eager"})
+    out = compiled(input_ids=input_ids, use_cache=False).logits  # grad mode on: training
+    out.sum().backward()  # works: nothing without a backward was inserted
+    report = last_report()
+    assert report.matched == [] and "gradients are enabled" in report.unmatched[0].reason
+    assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
