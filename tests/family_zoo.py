@@ -522,11 +522,11 @@ def _router_params(block: torch.nn.Module, experts: torch.nn.Module, num_experts
 
 def _bias_tensors(module: torch.nn.Module, num_experts: int):
     """Routing-bias tensors of a router (e_score_correction_bias, expert_bias, balancing_biases...):
-    1-D, one entry per expert (or a few more), not a plain Linear ``bias``."""
+    one entry per expert (or a few more; ernie's is [1, E]), not a plain Linear ``bias``."""
     out = []
     for name, t in list(module.named_buffers()) + list(module.named_parameters()):
         leaf = name.rsplit(".", 1)[-1]
-        if t.dim() == 1 and _expert_rows(t.shape[0], num_experts) and "bias" in leaf and leaf != "bias":
+        if t.squeeze().dim() == 1 and _expert_rows(t.numel(), num_experts) and "bias" in leaf and leaf != "bias":
             out.append((name, t))
     return out
 
