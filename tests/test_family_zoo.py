@@ -3,12 +3,20 @@ experts class either builds into a tiny MoE causal LM or says why not."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from family_zoo import NUM_EXPERTS, TOP_K, build, families
 
 CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "glm4_moe"]
 ALL = families()
+
+
+@functools.cache
+def entry_of(family):
+    """One build per family for the whole module (the tests only read the models)."""
+    return build(family)
 
 
 def test_families_found():
@@ -24,7 +32,7 @@ def _experts_of(model, block_path, experts_class):
 
 @pytest.mark.parametrize("family", CORE)
 def test_core_family_builds(family):
-    entry = build(family)
+    entry = entry_of(family)
     assert entry.model is not None, entry.skip_reason
     assert entry.skip_reason is None
     assert entry.moe_blocks
@@ -50,7 +58,7 @@ def test_core_family_builds(family):
 
 @pytest.mark.parametrize("family", ALL)
 def test_family_builds_or_says_why(family):
-    entry = build(family)
+    entry = entry_of(family)
     assert entry.family == family
     if entry.model is None:
         assert isinstance(entry.skip_reason, str) and entry.skip_reason.strip()
@@ -65,7 +73,7 @@ def test_family_builds_or_says_why(family):
 
 
 def test_build_is_seeded():
-    a, b, c = build("qwen3_moe", seed=0), build("qwen3_moe", seed=0), build("qwen3_moe", seed=1)
+    a, b, c = entry_of("qwen3_moe"), build("qwen3_moe", seed=0), build("qwen3_moe", seed=1)
     ids = torch.randint(2, a.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         la, lb, lc = (e.model(input_ids=ids, use_cache=False).logits for e in (a, b, c))
