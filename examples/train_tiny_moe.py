@@ -172,6 +172,25 @@ def lr_at(step: int, a) -> float:
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
+def per_layer_balance_loss(router_logits, E: int, k: int) -> torch.Tensor:
+    """Switch-Transformer balance loss computed per layer, then averaged over layers.
+
+    transformers' `load_balancing_loss_func` pools the top-k counts and the mean router
+    probabilities over *all* layers before taking their product, so a hot expert i in one
+    layer and a cold expert i in another (unrelated experts that only share an index)
+    cancel out. In our first run that left the pooled loss at ~4.04 (balanced: k = 4) while,
+    at step 200, about half of each layer's 64 experts got under a tenth of their fair share. Same scale as the built-in one:
+    k when perfectly balanced.
+    """
+    losses = []
+    for rl in router_logits:
+        p = rl.float().reshape(-1, E).softmax(-1)
+        idx = p.topk(k, dim=-1).indices
+        f = torch.nn.functional.one_hot(idx, E).sum((0, 1)).float() / p.shape[0]  # sums to k
+        losses.append(E * (f * p.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def load_stats(counts: torch.Tensor) -> dict:
     """counts [L, E] top-k assignments -> per-layer fractions and balance statistics."""
     frac = counts / counts.sum(-1, keepdim=True).clamp_min(1)
@@ -267,6 +286,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="1-2 minute smoke run (60 steps, small eval)")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out and exit")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stop-after", type=int, default=None, help="pilot runs: stop after N steps (LR schedule still for --steps)")
     # model
     ap.add_argument("--d-model", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
@@ -275,7 +295,9 @@ def parse_args(argv=None):
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--expert-dim", type=int, default=64)
-    ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="balance loss coefficient (router_aux_loss_coef)")
+    ap.add_argument("--balance-loss", choices=["per-layer", "hf"], default="per-layer",
+                    help="per-layer Switch loss (default) or transformers' built-in loss pooled over layers")
     # data / optimisation
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
@@ -350,6 +372,8 @@ def main(argv=None):
     cfg = make_config(a)
     model = AutoModelForCausalLM.from_config(cfg)  # init drawn from torch.manual_seed(a.seed)
     model.train()
+    if a.balance_loss == "per-layer":
+        model.router_aux_loss_coef = 0.0  # the forward then returns the plain CE; we add our own term
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n_, p in model.named_parameters() if ".experts." in n_)
     active = n_params - n_expert + n_expert * a.topk // a.experts
@@ -379,37 +403,48 @@ def main(argv=None):
     )
     batches = Batches(train, a.ctx, a.batch, a.seed)
     L, E = cfg.num_hidden_layers, cfg.num_experts
-    acc = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "n": 0, "counts": torch.zeros(L, E, dtype=torch.float64), "dt": []}
+    acc = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "aux_pl": 0.0, "n": 0, "counts": torch.zeros(L, E, dtype=torch.float64), "dt": []}
     t_train, t_last = 0.0, time.time()
     ev = evaluate(model, win, a.topk)
     emit({"type": "eval", "step": 0, "elapsed_s": round(time.time() - t0, 1), **ev})
+    done = 0
     bar = tqdm(range(a.steps), desc="train", mininterval=5 if sys.stderr.isatty() else 30, file=sys.stderr)
     for step in bar:
+        if a.stop_after is not None and step >= a.stop_after:
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         ts = time.time()
         x = batches.next()
         o = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-        o.loss.backward()
+        if a.balance_loss == "per-layer":  # o.loss is the plain CE (model.router_aux_loss_coef = 0 below)
+            aux_pl = per_layer_balance_loss(o.router_logits, E, a.topk)
+            loss = o.loss + a.aux_coef * aux_pl
+        else:  # transformers' built-in: o.loss = CE + coef * aux (pooled over layers)
+            aux_pl = per_layer_balance_loss([r.detach() for r in o.router_logits], E, a.topk)
+            loss = o.loss
+        loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         t_train += time.time() - ts
+        done = step + 1
         acc["dt"].append(time.time() - ts)
         aux = o.aux_loss.item()
-        acc["loss"] += o.loss.item()
-        acc["ce"] += o.loss.item() - a.aux_coef * aux
+        acc["loss"] += loss.item()
+        acc["ce"] += o.loss.item() - (a.aux_coef * aux if a.balance_loss == "hf" else 0.0)
         acc["aux"] += aux
+        acc["aux_pl"] += aux_pl.item()
         acc["n"] += 1
         with torch.no_grad():
             for li, rl in enumerate(o.router_logits):
                 acc["counts"][li] += torch.bincount(rl.topk(a.topk, -1).indices.reshape(-1), minlength=E).double()
-        if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
+        if (step + 1) % a.log_every == 0 or step + 1 in (a.steps, a.stop_after):
             n = acc["n"]
             dt = time.time() - t_last
             rec = {
                 "type": "train", "step": step + 1, "loss": round(acc["loss"] / n, 5), "ce": round(acc["ce"] / n, 5),
-                "aux": round(acc["aux"] / n, 5), "lr": round(lr_at(step, a), 7), "grad_norm": round(float(gn), 4),
+                "aux": round(acc["aux"] / n, 5), "aux_per_layer": round(acc["aux_pl"] / n, 5), "lr": round(lr_at(step, a), 7), "grad_norm": round(float(gn), 4),
                 "tok_per_s": round(n * a.batch * a.ctx / dt, 1),
                 "step_s_median": round(float(np.median(acc["dt"])), 4), "epoch": batches.epoch,
                 "elapsed_s": round(time.time() - t0, 1),
@@ -419,9 +454,9 @@ def main(argv=None):
             rec["train_load_cv"] = st["load_cv"]
             emit(rec)
             bar.set_postfix(ce=f"{rec['ce']:.3f}", aux=f"{rec['aux']:.3f}", tps=f"{rec['tok_per_s']:.0f}")
-            acc = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "n": 0, "counts": torch.zeros(L, E, dtype=torch.float64), "dt": []}
+            acc = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "aux_pl": 0.0, "n": 0, "counts": torch.zeros(L, E, dtype=torch.float64), "dt": []}
             t_last = time.time()
-        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
+        if (step + 1) % a.eval_every == 0 or step + 1 in (a.steps, a.stop_after):
             te = time.time()
             ev = evaluate(model, win, a.topk)
             emit({"type": "eval", "step": step + 1, "elapsed_s": round(time.time() - t0, 1), **ev})
@@ -439,8 +474,8 @@ def main(argv=None):
     sample = greedy(reloaded, "def fibonacci(n):\n    ")
     results = {
         "train_wall_s": round(train_time, 1), "train_compute_s": round(t_train, 1),
-        "train_tokens": a.steps * a.batch * a.ctx,
-        "mean_tok_per_s": round(a.steps * a.batch * a.ctx / t_train, 1),
+        "steps": done, "train_tokens": done * a.batch * a.ctx,
+        "mean_tok_per_s": round(done * a.batch * a.ctx / t_train, 1),
         "params": n_params, "active_params_per_token": active,
         "final_train_ce_last_interval": rec["ce"],
         "fp32_in_memory": {k: v for k, v in final32.items()},
