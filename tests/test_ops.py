@@ -39,6 +39,8 @@ def experts(layout, num_experts=6, hidden=20, inter=12, dtype=torch.float32, see
         return rand(num_experts, 2 * inter, hidden), rand(num_experts, hidden, inter), None, None, None
     if layout == "gate_up_split":
         return rand(num_experts, inter, hidden), rand(num_experts, hidden, inter), rand(num_experts, inter, hidden), None, None
+    if layout == "gate_up_concat_t":
+        return rand(num_experts, hidden, 2 * inter), rand(num_experts, inter, hidden), None, None, None
     return (rand(num_experts, hidden, 2 * inter), rand(num_experts, inter, hidden), None,
             rand(num_experts, 2 * inter), rand(num_experts, hidden))
 
@@ -52,7 +54,8 @@ def routing(num_tokens, num_experts, k, seed=0):
 
 LAYOUT_CASES = [
     ("gate_up_concat", "silu", []), ("gate_up_concat", "gelu_tanh", []),
-    ("gate_up_split", "silu", []), ("gate_up_interleaved_t", "swiglu_oai", [1.702, 7.0]),
+    ("gate_up_split", "silu", []), ("gate_up_concat_t", "relu", []),
+    ("gate_up_interleaved_t", "swiglu_oai", [1.702, 7.0]),
 ]
 
 

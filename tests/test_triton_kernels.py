@@ -92,6 +92,7 @@ def check_experts(args, activation, layout, *, config=None, dtype=None):
 LAYOUT_CASES = [
     *[("gate_up_concat", act, False) for act in ("silu", "gelu", "gelu_tanh", "relu")],
     ("gate_up_split", "silu", False),
+    ("gate_up_concat_t", "silu", False),
     ("gate_up_interleaved_t", "swiglu_oai", True),
     ("gate_up_interleaved_t", "silu", True),
 ]

@@ -6,6 +6,8 @@ Every experts kernel (CPU, Triton) is tested against this. It gathers one weight
 Layouts (how the expert weights are stored):
   gate_up_concat         transformers' default: w_gate_up [E, 2I, H] (gate rows, then up
                          rows) and w_down [E, H, I], both nn.Linear layout (y = x @ W.T).
+  gate_up_concat_t       the same transposed: w_gate_up [E, H, 2I] (gate columns, then up
+                         columns) and w_down [E, I, H] (y = x @ W) (Aria).
   gate_up_interleaved_t  GPT-OSS: w_gate_up [E, H, 2I] with gate/up in alternating columns
                          and w_down [E, I, H] (y = x @ W), optional biases [E, 2I] / [E, H].
   gate_up_split          gpt-fast: gate w_gate_up [E, I, H], up w_up [E, I, H], w_down [E, H, I].
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("gate_up_concat", "gate_up_interleaved_t", "gate_up_split")
+LAYOUTS = ("gate_up_concat", "gate_up_concat_t", "gate_up_interleaved_t", "gate_up_split")
+_TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")  # weights stored [E, in, out]: y = x @ W
 _GLU = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -63,7 +66,7 @@ def _project(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor
 def expert_mlp(x, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args):
     """The gated MLP of one expert on rows ``x [n, H]`` (2-D weights: one GEMM per
     projection), or of one expert per row (3-D weights ``[n, ...]``), in ``x``'s dtype."""
-    transposed = layout == "gate_up_interleaved_t"
+    transposed = layout in _TRANSPOSED
     gate_up = _project(x, w_gate_up, transposed)
     if b_gate_up is not None:
         gate_up = gate_up + b_gate_up

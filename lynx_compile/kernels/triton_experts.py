@@ -65,9 +65,10 @@ def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
         raise ValueError(f"expert weights must be 3-D [E, ., .], got {[tuple(w.shape) for w in (w_gate_up, w_up, w_down) if w is not None]}")
     num_experts = w_gate_up.shape[0]
     s = w_gate_up.stride()
-    if layout == "gate_up_interleaved_t":  # [E, H, 2I], gate/up in alternating columns
+    if layout in ("gate_up_interleaved_t", "gate_up_concat_t"):  # [E, H, 2I]: alternating or halves
         hidden_size, inter_size = w_gate_up.shape[1], w_gate_up.shape[2] // 2
-        gate_up = dict(stride_gate_e=s[0], stride_up_e=s[0], up_offset=0, stride_w_n=s[2], stride_w_k=s[1])
+        up_offset = 0 if layout == "gate_up_interleaved_t" else inter_size * s[2]
+        gate_up = dict(stride_gate_e=s[0], stride_up_e=s[0], up_offset=up_offset, stride_w_n=s[2], stride_w_k=s[1])
         down_shape, down = (num_experts, inter_size, hidden_size), dict(stride_w_n=w_down.stride(2), stride_w_k=w_down.stride(1))
     else:  # [E, 2I, H] gate rows then up rows, or [E, I, H] gate with a separate up
         hidden_size = w_gate_up.shape[2]

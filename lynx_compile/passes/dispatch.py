@@ -22,6 +22,7 @@ from .graph_utils import (
     LAYOUT_KINDS,
     arg,
     backward_region,
+    cast_chain_end,
     dtype,
     escaping_nodes,
     is_size_value,
@@ -33,7 +34,7 @@ from .graph_utils import (
     shape,
     strip,
 )
-from .routers import RouterMatch
+from .routers import RouterMatch, guarded
 
 
 @dataclass
@@ -70,7 +71,7 @@ def dispatch_pattern(name: str):
 def match_dispatch(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     reasons = []
     for name, pattern in DISPATCH_PATTERNS.items():
-        found = pattern(graph, router)
+        found = guarded(pattern, graph, router)
         if isinstance(found, DispatchMatch):
             return found
         reasons.append(f"{name}: {found}")
@@ -87,13 +88,6 @@ EAGER_EXPERTS_HINT = (
 
 
 # --- region helpers ---------------------------------------------------------------------
-
-def cast_chain_end(node: Node) -> Node:
-    """``node`` followed through single-user dtype casts (the router's ``.to(dtype)``)."""
-    while len(node.users) == 1 and op_kind(next(iter(node.users))) == "cast":
-        node = next(iter(node.users))
-    return node
-
 
 def find_downstream(start: Node, accept: Callable[[Node], bool], limit: int = 300) -> Node | None:
     """The first node (in graph order) downstream of ``start`` that ``accept`` takes."""
@@ -357,11 +351,13 @@ def _layout(first: _Gemm, second: _Gemm, gate: GateMatch, hidden_dim, num_expert
         return "expert biases with the [E, 2I, H] layout are not supported"
     if up[0] != num_experts or down[0] != num_experts:
         return f"expert parameters hold {up[0]} / {down[0]} experts, the router {num_experts}"
-    if gate.interleaved != first.transposed:
-        return "gate/up interleaving and weight transposition do not match a known layout"
+    if gate.interleaved and not first.transposed:
+        return "gate/up interleaved in the rows of [E, 2I, H] weights: not a known layout"
     if not first.transposed:  # [E, 2I, H] and [E, H, I]
         ok = same_size(up[2], hidden_dim) and up[1] % 2 == 0 and same_sizes(down, (num_experts, hidden_dim, up[1] // 2))
         return "gate_up_concat" if ok else f"expert weights {up} / {down} are not [E, 2I, H] / [E, H, I]"
     ok = same_size(up[1], hidden_dim) and up[2] % 2 == 0 and same_sizes(down, (num_experts, up[2] // 2, hidden_dim))
-    return "gate_up_interleaved_t" if ok else f"expert weights {up} / {down} are not [E, H, 2I] / [E, I, H]"
+    if not ok:
+        return f"expert weights {up} / {down} are not [E, H, 2I] / [E, I, H]"
+    return "gate_up_interleaved_t" if gate.interleaved else "gate_up_concat_t"
 

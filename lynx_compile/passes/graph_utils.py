@@ -78,7 +78,7 @@ _OPERATOR_KINDS = {
 
 _METHOD_KINDS = {
     "float": "cast", "to": "cast", "type": "cast", "int": "cast", "long": "cast",
-    "half": "cast", "bfloat16": "cast", "bool": "cast",
+    "half": "cast", "bfloat16": "cast", "bool": "cast", "type_as": "cast",
     "view": "view", "reshape": "view", "contiguous": "view", "unsqueeze": "view",
     "squeeze": "view", "flatten": "view", "expand": "view",
     "transpose": "transpose", "t": "transpose", "permute": "transpose",
@@ -196,6 +196,13 @@ def strip(node: object, kinds: frozenset[str] | set[str] = frozenset({"cast"})) 
     """Follow ``node`` back through single-input ops of the given kinds."""
     while isinstance(node, Node) and op_kind(node) in kinds and node.args:
         node = node.args[0]
+    return node
+
+
+def cast_chain_end(node: Node) -> Node:
+    """``node`` followed through single-user dtype casts (a router's ``.to(dtype)``)."""
+    while len(node.users) == 1 and op_kind(next(iter(node.users))) == "cast":
+        node = next(iter(node.users))
     return node
 
 

@@ -18,6 +18,7 @@ from ..selector import RouterRule
 from .graph_utils import (
     arg,
     backward_region,
+    cast_chain_end,
     is_last_dim,
     module_path,
     module_stack,
@@ -59,6 +60,14 @@ def router_pattern(name: str):
     return register
 
 
+def guarded(pattern, *args):
+    """A pattern's result; a pattern that trips over an unexpected graph is a non-match."""
+    try:
+        return pattern(*args)
+    except Exception as error:  # noqa: BLE001  (any surprise means: leave the graph alone)
+        return f"matcher error {type(error).__name__}: {error}"
+
+
 class Refusal(str):
     """A reason from a pattern that recognised the router but cannot support it: it is the
     whole story, so the other patterns' reasons are left out of the report."""
@@ -68,7 +77,7 @@ def match_router(topk: Node) -> RouterMatch | str:
     """The first pattern that matches, or the reasons none did."""
     reasons = []
     for name, pattern in ROUTER_PATTERNS.items():
-        found = pattern(topk)
+        found = guarded(pattern, topk)
         if isinstance(found, RouterMatch):
             return found
         if isinstance(found, Refusal):
@@ -124,7 +133,7 @@ def _view_family(root: Node) -> set[Node]:
         if node in family:
             continue
         family.add(node)
-        todo.extend(u for u in node.users if op_kind(u) in ("view", "cast"))
+        todo.extend(u for u in node.users if op_kind(u) in ("view", "cast") and u.args[0] is node)
     return family
 
 
@@ -149,7 +158,7 @@ def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
     Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` in the denominator,
     in place or not) and then ``w * constant``. Returns (final node, renormalised, scale).
     """
-    node, renormalize, scale = weights, False, 1.0
+    node, renormalize, scale = cast_chain_end(weights), False, 1.0
     users = list(node.users)
     sums = [u for u in users if op_kind(u) == "sum" and u.args[0] is node]
     if sums:
@@ -319,12 +328,16 @@ def sigmoid_topk(topk: Node) -> RouterMatch | str:
     if isinstance(outputs, str):
         return outputs
     values, ids = outputs
-    if values is not None:
+    if values is not None and bias is not None:
         return "top-k values of biased scores are used as weights"
-    gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] is scores]
-    if len(gathers) != 1 or not is_last_dim(gathers[0].args[1], 2):
-        return "the weights are not the router's scores gathered at the chosen experts"
-    transformed = weight_transforms(gathers[0])
+    if values is not None:  # no bias: the top-k values are the chosen scores
+        chosen = values
+    else:
+        gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] is scores]
+        if len(gathers) != 1 or not is_last_dim(arg(gathers[0], 1, "dim"), 2):
+            return "the weights are not the router's scores gathered at the chosen experts"
+        chosen = gathers[0]
+    transformed = weight_transforms(chosen)
     if isinstance(transformed, str):
         return transformed
     weights, renormalize, scale = transformed
