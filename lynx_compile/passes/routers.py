@@ -219,6 +219,20 @@ def match_group_mask(masked: Node) -> tuple[Node, int, int, str, Node] | str:
     return scores, grouped_shape[1], topk_groups, rule, masked
 
 
+def group_limit(choice: Node, fill: float) -> tuple[Node, tuple[int, int, str]] | str:
+    """The scores under an optional DeepSeek group limit whose other groups are set to
+    ``fill``, and (num_groups, topk_groups, group score rule); (1, 1, "max") without one."""
+    if op_kind(choice) != "masked_fill":
+        return choice, (1, 1, "max")
+    found = match_group_mask(choice)
+    if isinstance(found, str):
+        return found
+    scores, num_groups, topk_groups, group_score, masked = found
+    if arg(masked, 2, "value") != fill:
+        return f"a group limit that fills the other groups with {arg(masked, 2, 'value')}, not {fill}"
+    return scores, (num_groups, topk_groups, group_score)
+
+
 def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) -> RouterMatch | str:
     source = logits_source(logits)
     if isinstance(source, str):
@@ -247,16 +261,10 @@ def softmax_topk(topk: Node) -> RouterMatch | str:
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
-    probs, k = parsed
-    group = (1, 1, "max")
-    if op_kind(probs) == "masked_fill":
-        found = match_group_mask(probs)
-        if isinstance(found, str):
-            return found
-        probs, num_groups, topk_groups, group_score, masked = found
-        if arg(masked, 2, "value") not in (0, 0.0):
-            return "a softmax group limit that does not zero the other groups"
-        group = (num_groups, topk_groups, group_score)
+    limited = group_limit(parsed[0], fill=0.0)
+    if isinstance(limited, str):
+        return limited
+    (probs, group), k = limited, parsed[1]
     if op_kind(probs) != "softmax":
         return f"top-k input is {op_kind(probs)}, not a softmax"
     if not is_last_dim(arg(probs, 1, "dim"), 2):
@@ -305,16 +313,10 @@ def sigmoid_topk(topk: Node) -> RouterMatch | str:
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
-    choice, k = parsed
-    group = (1, 1, "max")
-    if op_kind(choice) == "masked_fill":
-        found = match_group_mask(choice)
-        if isinstance(found, str):
-            return found
-        choice, num_groups, topk_groups, group_score, masked = found
-        if arg(masked, 2, "value") != float("-inf"):
-            return "a sigmoid group limit that does not mask the other groups with -inf"
-        group = (num_groups, topk_groups, group_score)
+    limited = group_limit(parsed[0], fill=float("-inf"))
+    if isinstance(limited, str):
+        return limited
+    (choice, group), k = limited, parsed[1]
     bias = None
     if op_kind(choice) == "add":
         scores, bias = choice.args
