@@ -5,16 +5,23 @@
     .venv/bin/python benchmarks/decode.py                # OLMoE-1B-7B MoE shape, batch 1..64
     .venv/bin/python benchmarks/decode.py --shape qwen3  # Qwen3-30B-A3B MoE shape
 
+The default run takes about 7 minutes on 2 cores (about 2 of them compiling: four cold
+Inductor compiles); --quick about 1 minute with a warm Inductor cache, 2-3 minutes cold.
+
+On a machine shared with other work, set OMP_WAIT_POLICY=PASSIVE (OpenMP threads that spin
+while descheduled made every backend up to 5x slower here); on a quiet machine leave it unset.
+
 The model is built from a config (``decode_model.py``): the MoE layers of a real model (hidden
 size, expert size, E, k, router rule) with a few layers, small attention and vocabulary, in
 bf16, its routers scaled to the logit spread of a trained router. Its expert weights are far
 larger than the CPU caches, so a decode step streams the experts it uses from memory, as on a GPU.
 
-What is timed: greedy decode steps on a static cache, one new token per sequence, after one
-eager prefill per batch size. Every backend decodes the same ``--steps`` positions from the
-same first token, so each repetition is the same work. For each batch size, each repetition
-runs every backend's steps, in an order that rotates between repetitions, so a noisy machine
-disturbs all backends alike; the table reports medians over all timed steps.
+What is timed: greedy decode steps on a static cache, one new token per sequence. For each
+batch size every backend gets its own cache, filled by the same eager prefill; each repetition
+rewinds the caches and decodes the same ``--steps`` positions from the same first token, so
+repetitions are the same work. Backends are interleaved step by step (one decode step of each
+backend in turn, the order rotating every step), so a burst of other load disturbs all
+backends alike; the tables report medians over all timed steps.
 
 Backends:
   eager          the model's forward (transformers' grouped_mm experts path)
@@ -275,6 +282,37 @@ def measure_compile(name, forward, model, batch, prompt_len, max_len, cold: bool
                 cold=cold, reports=[r.to_dict() for r in reports])
 
 
+def time_selector(batch, logits_list, lynx_on_row, shape, dtype, repeats: int = 30) -> dict:
+    """The selector op alone on the decode logits lynx on saw, against the router's own plain
+    top-k (softmax in fp32, top-k, optional renormalise, as transformers' routers do): median
+    microseconds per MoE layer call."""
+    matched = [m for rep in lynx_on_row["reports"] for m in rep["matched"]]
+    alpha, beta = matched[0]["alpha"], matched[0]["beta"]
+    k, renorm = shape.top_k, shape.norm_topk_prob
+    inputs = [x.to(dtype) for x in logits_list]
+
+    def selector(x):
+        return torch.ops.lynx.select_experts.default(x, None, k, 1, alpha, beta, True, "softmax", renorm,
+                                                     False, 1, 1, "max", 1.0)
+
+    def plain(x):
+        w, i = torch.softmax(x, dim=-1, dtype=torch.float).topk(k, dim=-1)
+        return (w / w.sum(-1, keepdim=True) if renorm else w), i
+
+    out = dict(batch=batch, calls=len(inputs), alpha=alpha, beta=beta)
+    for name, fn in (("selector", selector), ("plain", plain)):
+        for x in inputs[:2]:
+            fn(x)
+        times = []
+        for r in range(repeats):
+            x = inputs[r % len(inputs)]
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_us"] = 1e6 * median(times)
+    return out
+
+
 # --- main -------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -346,53 +384,70 @@ def main(argv=None):
                     print(f"  lynx on: {m['module']}: E={m['num_experts']} k={m['top_k']} {m['rule']}, "
                           f"alpha={m['alpha']} beta={m['beta']} ({m['settings']})")
 
-        step_rows, routing, warmups, tokens_same = [], {}, [], {}
+        step_rows, routing, warmups, tokens_same, selector_rows = [], {}, [], {}, []
+        P = args.prompt_len
         bar = tqdm(args.batches, desc="batch sizes")
         for batch in bar:
             bar.set_postfix(batch=batch)
             g = torch.Generator().manual_seed(args.seed * 1000 + batch)
             prompt = torch.randint(1, args.vocab, (batch, args.prompt_len), generator=g)
-            cache = new_cache(model, max_len)
-            first = prefill(model.forward, cache, prompt)  # eager prefill, shared by all backends
-            P = args.prompt_len
+            # One cache per backend, each filled by the same eager prefill.
+            caches, first = {}, None
+            for name in names:
+                caches[name] = new_cache(model, max_len)
+                first = prefill(model.forward, caches[name], prompt)
 
             # Warm-up: the first decode calls (recompiles for new shapes happen here).
             for name in names:
                 t0 = time.perf_counter()
-                decode(forwards[name], cache, first, P, args.warmup_steps)
+                decode(forwards[name], caches[name], first, P, args.warmup_steps)
                 warmups.append(dict(backend=name, batch=batch, warmup_s=time.perf_counter() - t0))
 
             # Instrumented (untimed) run: distinct experts per layer per step, tokens, routing.
-            counts, toks = {}, {}
+            counts, toks, selector_logits = {}, {}, []
             for name in names:
                 if name == "eager":
                     counter = ExpertsInputCounter(model)
                     try:
-                        _, toks[name] = decode(forwards[name], cache, first, P, args.steps)
+                        _, toks[name] = decode(forwards[name], caches[name], first, P, args.steps)
                     finally:
                         counter.remove()
                     counts[name] = dict(distinct=counter.counts)
                 elif name == "inductor":
-                    _, toks[name] = decode(forwards[name], cache, first, P, args.steps)
+                    _, toks[name] = decode(forwards[name], caches[name], first, P, args.steps)
                 else:
                     with lynx_compile.capture_routing() as cap:
-                        _, toks[name] = decode(forwards[name], cache, first, P, args.steps)
+                        _, toks[name] = decode(forwards[name], caches[name], first, P, args.steps)
                     counts[name] = routing_summary(cap, shape.top_k)
+                    if name == "lynx on":
+                        selector_logits = [e.logits for e in cap.routing if e.rerouted]
             routing[batch] = counts
             reference = toks.get("eager", next(iter(toks.values())))
             tokens_same[batch] = {n: bool(torch.equal(t, reference)) for n, t in toks.items()}
+            if selector_logits and lynx_on:
+                selector_rows.append(time_selector(batch, selector_logits, lynx_on, shape, dtype))
 
-            # Timed runs, backend order rotating between repetitions; no recompiles allowed.
+            # Timed runs: one decode step of every backend in turn (the order rotates every
+            # step), so a burst of other load hits all backends alike; no recompiles allowed.
             with torch.compiler.set_stance("fail_on_recompile"):
                 for rep in tqdm(range(args.reps), desc=f"  batch {batch} reps", leave=False):
-                    order = names[rep % len(names):] + names[:rep % len(names)]
-                    for name in order:
-                        times, _ = decode(forwards[name], cache, first, P, args.steps)
-                        step_rows += [dict(backend=name, batch=batch, rep=rep, step=s, seconds=x)
-                                      for s, x in enumerate(times)]
+                    tokens = dict.fromkeys(names, first)
+                    for name in names:
+                        rewind(caches[name], P)
+                    for step in range(args.steps):
+                        position = torch.tensor([P + step])
+                        shift = (rep + step) % len(names)
+                        for name in names[shift:] + names[:shift]:
+                            t0 = time.perf_counter()
+                            out = forwards[name](input_ids=tokens[name][:, None], cache=caches[name],
+                                                 cache_position=position, use_cache=True)
+                            tokens[name] = out.logits[:, -1].argmax(-1)
+                            step_rows.append(dict(backend=name, batch=batch, rep=rep, step=step,
+                                                  seconds=time.perf_counter() - t0))
+            meta["selector_op"] = selector_rows
             results = decode_report.summarise(args, meta, step_rows, routing, warmups, tokens_same, names)
             decode_report.write_all(out_dir, args, meta, results, step_rows)
-            del cache
+            del caches
 
     meta["duration_s"] = time.perf_counter() - run_start
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -90,7 +90,14 @@ def summarise(args, meta, step_rows, routing, warmups, tokens_same, names) -> di
             distinct_off=_mean(routing[batch]["lynx off"]["distinct"]) if "lynx off" in routing[batch] else float("nan"),
         ))
 
-    return dict(rows=rows, routing=route_rows, overhead=overhead, compile=meta.get("compile", []),
+    selector = []
+    for sel in meta.get("selector_op", []):
+        on = next((r for r in rows if r["backend"] == "lynx on" and r["batch"] == sel["batch"]), None)
+        per_step_ms = (sel["selector_us"] - sel["plain_us"]) * wb["moe_layers"] / 1e3
+        selector.append(dict(sel, extra_ms_per_step=per_step_ms,
+                             pct_of_lynx_on_step=100 * per_step_ms / on["median_step_ms"] if on else float("nan")))
+
+    return dict(rows=rows, routing=route_rows, overhead=overhead, selector_op=selector, compile=meta.get("compile", []),
                 warmups=warmups, verdicts=verdicts(args, rows, meta.get("compile", [])))
 
 
@@ -244,7 +251,8 @@ def markdown(args, meta, results, names) -> str:
           "experts' inputs) or lynx off (capture_routing); Inductor routes exactly as eager. lynx on: "
           "capture_routing; 'plain, same logits': plain top-k of the very logits the selector saw. Uniform: "
           "E(1-(1-k/E)^B). Mass kept: routing probability of lynx's choices / plain top-k's; top-1 kept: tokens that keep their best expert; tokens re-routed: tokens whose experts are not their k best (ties count as equal). Expert MB per step "
-          "= distinct x bytes per expert x layers; GB/s = that / median step time.", ""]
+          f"= distinct x bytes per expert x layers; GB/s = that / median step time (expert bytes only: each step "
+          f"also reads the {wb['other'] / 2**20:.1f} MiB of other weights).", ""]
     hdr = ["batch", "uniform", "plain", "lynx on", "plain, same logits", "plain MB/step", "lynx on MB/step",
            "mass kept", "top-1 kept", "tokens re-routed", "inductor GB/s", "lynx off GB/s", "lynx on GB/s"]
     body = []
@@ -258,10 +266,15 @@ def markdown(args, meta, results, names) -> str:
                      _fmt(rr["top1_kept"], ".3f"), _fmt(rr["tokens_rerouted"], ".2f"), gbps("inductor"),
                      gbps("lynx off"), gbps("lynx on")])
     L += _table(hdr, body)
-    same = [(r["backend"], r["batch"]) for r in rows if r["same_tokens_as_eager"] is False and r["backend"] != "lynx on"]
-    L += ["", "Greedy tokens equal to eager's: " + ("all plain-routing backends at every batch size." if not same else
-          "differ for " + ", ".join(f"{n} at batch {b}" for n, b in same) +
-          " (bf16: Inductor's fused kernels round differently; a random model's near-tied logits flip).")]
+    differ = {}
+    for r in rows:
+        if r["same_tokens_as_eager"] is False and r["backend"] != "lynx on":
+            differ.setdefault(r["backend"], []).append(str(r["batch"]))
+    L += ["", "Greedy tokens (plain-routing backends) equal to eager's: " + (
+          "at every batch size." if not differ else "except " + "; ".join(
+              f"{n} at batch {', '.join(b)}" for n, b in differ.items()) +
+          f" ({m['dtype']}: compiled kernels round differently and a random model's near-tied logits flip; the "
+          "routing itself is plain top-k, as the distinct-expert counts show).")]
 
     L += ["", "## Compile time", ""]
     if results["compile"]:
@@ -298,6 +311,17 @@ def markdown(args, meta, results, names) -> str:
                  _fmt(o["overhead_pct"], "+.1f"), o["selector_calls"], o["tokens_checked"], o["tokens_changed"],
                  f"{_fmt(o['distinct_keep'], '.1f')} / {_fmt(o['distinct_off'], '.1f')}"] for o in results["overhead"]]
         L += _table(hdr, body)
+        if results.get("selector_op"):
+            L += ["", "The selector op alone (`torch.ops.lynx.select_experts` on the decode-step router logits "
+                  "lynx on saw, lynx on's alpha/beta) against the router's own plain top-k (fp32 softmax, top-k"
+                  + (", renormalise" if m["norm_topk_prob"] else "") + "): median microseconds per MoE layer call, "
+                  "and the difference per decode step (x layers) as a share of lynx on's median step. Much less "
+                  "noisy than the end-to-end difference above.", ""]
+            L += _table(["batch", "selector us / call", "plain top-k us / call", "extra ms / step",
+                         "% of lynx on step"],
+                        [[x["batch"], _fmt(x["selector_us"], ".0f"), _fmt(x["plain_us"], ".0f"),
+                          _fmt(x["extra_ms_per_step"], ".2f"), _fmt(x["pct_of_lynx_on_step"], ".2f")]
+                         for x in results["selector_op"]])
         bad = [o["batch"] for o in results["overhead"] if o["tokens_changed"] or (o["batch"] >= 2 and not o["selector_calls"])]
         L += ["", "Plain routing reproduced by lynx keep: " + ("yes, at every batch size (the selector ran at "
               "batch >= 2; batch 1 is plain top-k by rule)." if not bad else f"**NO at batch {bad}**")]
