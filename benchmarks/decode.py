@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--router-std", type=float, default=None,
                    help="target per-token router logit std (default: from the trained model, see decode_model.py)")
     p.add_argument("--router-model", default=str(dm.SHIPPED), help="trained model whose router spread to match")
+    p.add_argument("--router-match", choices=("std", "top1"), default="std",
+                   help="std: match the trained router's per-token logit std (default); top1: match its mean "
+                   "top-1 probability (through Gaussian logits over its E)")
     p.add_argument("--target-batch", type=int, default=16, help="batch size the verdicts are assessed at")
     p.add_argument("--out", default="out/decode")
     p.add_argument("--seed", type=int, default=0)
@@ -350,7 +353,7 @@ def main(argv=None):
         if args.router_std is not None:
             target, how, ref_stats, ref_log = args.router_std, "given with --router-std", None, None
         else:
-            target, how, ref_stats, ref_log = dm.reference_router_stats(Path(args.router_model))
+            target, how, ref_stats, ref_log = dm.reference_router_stats(Path(args.router_model), args.router_match)
         before, after, scales = dm.match_router_spread(model, target)
         meta["router"] = dict(target_std=target, how=how, reference=ref_stats and ref_stats.to_dict(),
                               reference_log=ref_log and {k: ref_log[k] for k in ref_log

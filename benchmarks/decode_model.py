@@ -42,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "lynx-tiny-moe"
 FALLBACK_STD = 1.5  # used only when neither the trained model nor its training log exists
+GAP_RANKS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,12 @@ class RouterStats:
     entropy: list[float]  # nats; uniform = log(E)
     topk_mass: list[float]  # probability mass of the plain top-k
     load_cv: list[float]  # coefficient of variation of top-k assignments over experts
+    gaps: list[list[float]] = field(default_factory=list)  # best logit minus the 2nd, 4th, 8th best
     notes: list[str] = field(default_factory=list)
 
     @staticmethod
     def from_logits(source: str, per_layer: list[torch.Tensor], top_k: int) -> RouterStats:
-        stats = dict(logit_std=[], top1_prob=[], entropy=[], topk_mass=[], load_cv=[])
+        stats = dict(logit_std=[], top1_prob=[], entropy=[], topk_mass=[], load_cv=[], gaps=[])
         for logits in per_layer:
             logits = logits.float()
             probs = logits.softmax(-1)
@@ -135,6 +137,8 @@ class RouterStats:
             stats["topk_mass"].append(probs.topk(top_k, dim=-1).values.sum(-1).mean().item())
             load = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=logits.shape[1]).float()
             stats["load_cv"].append((load.std(correction=0) / load.mean()).item())
+            top = logits.topk(min(8, logits.shape[1]), dim=-1).values
+            stats["gaps"].append([(top[:, 0] - top[:, r - 1]).mean().item() for r in GAP_RANKS if r <= top.shape[1]])
         tokens = per_layer[0].shape[0] if per_layer else 0
         return RouterStats(source, per_layer[0].shape[1], top_k, tokens, **stats)
 
@@ -280,12 +284,22 @@ def logged_eval(model_dir: Path) -> dict | None:
     return last
 
 
-def reference_router_stats(model_dir: Path = SHIPPED) -> tuple[float, str, RouterStats | None, dict | None]:
-    """(target std, how it was obtained, the trained model's stats or None, the logged eval or None)."""
+def reference_router_stats(model_dir: Path = SHIPPED, match: str = "std") -> tuple[float, str, RouterStats | None, dict | None]:
+    """(target std, how it was obtained, the trained model's stats or None, the logged eval or None).
+
+    ``match="std"``: the trained model's per-token logit std. ``match="top1"``: the std at which
+    Gaussian logits over the trained model's E give its mean top-1 probability (trained routers
+    are peakier than Gaussian: at equal std a random router's best expert stands out less)."""
     problem = ""
     if (model_dir / "config.json").exists() and any(model_dir.glob("*.safetensors")):
         try:
             stats = trained_model_stats(model_dir)
+            if match == "top1":
+                top1 = stats.mean("top1_prob")
+                std = gaussian_std_for_top1(top1, stats.num_experts)
+                return std, (f"measured on {stats.source}: its mean top-1 router probability {top1:.4f} over "
+                             f"E={stats.num_experts}, which Gaussian logits over {stats.num_experts} experts give "
+                             f"at std {std:.3f} (--router-match top1)"), stats, None
             return stats.mean("logit_std"), f"measured on {stats.source}", stats, None
         except Exception as error:  # noqa: BLE001 - fall back, and say why
             problem = f" (measuring {model_dir.name} failed: {type(error).__name__}: {error})"

@@ -204,13 +204,15 @@ def markdown(args, meta, results, names) -> str:
         mean = lambda k: sum(s[k]) / len(s[k])  # noqa: E731
         return [label, s["num_experts"], s["top_k"], _fmt(mean("logit_std"), ".3f"), _fmt(mean("top1_prob"), ".3f"),
                 _fmt(mean("entropy"), ".2f"), _fmt(math.log(s["num_experts"]), ".2f"), _fmt(mean("topk_mass"), ".3f"),
-                _fmt(mean("load_cv"), ".2f")]
+                _fmt(mean("load_cv"), ".2f"),
+                " / ".join(_fmt(sum(g[i] for g in s["gaps"]) / len(s["gaps"]), ".2f") for i in range(len(s["gaps"][0])))
+                if s.get("gaps") else "-"]
 
     L += [f"Matched: the per-token standard deviation of the router logits over the experts (mean over "
-          f"tokens and layers), in decode steps. Target {router['target_std']:.3f}: {router['how']}. Each layer's "
+          f"tokens and layers), in decode steps, set to {router['target_std']:.3f}: {router['how']}. Each layer's "
           f"router weight was scaled (x{', x'.join(f'{s:.2f}' for s in router['scales'])}).", ""]
     hdr = ["routers", "E", "k", "logit std", "top-1 prob", "entropy (nats)", "uniform entropy", "top-k mass",
-           "load CV"]
+           "load CV", "best minus 2nd / 4th / 8th logit"]
     body = []
     if ref:
         body.append(stat_row(ref["source"], ref))
@@ -218,14 +220,17 @@ def markdown(args, meta, results, names) -> str:
     if log:
         body.append([f"training log, step {log.get('step')} (held-out)", log.get("experts", "-"), log.get("top_k") or "-", "-",
                      _fmt(_mean(log["router_top1_prob"]), ".3f"), _fmt(_mean(log.get("router_entropy_nats", [])), ".2f"),
-                     _fmt(log.get("router_entropy_max_nats"), ".2f"), _fmt(_mean(log.get("router_topk_mass", [])), ".3f"), "-"])
+                     _fmt(log.get("router_entropy_max_nats"), ".2f"), _fmt(_mean(log.get("router_topk_mass", [])), ".3f"), "-", "-"])
     body.append(stat_row("this model, random init", before))
     body.append(stat_row("this model, routers scaled (benchmarked)", after))
     L += _table(hdr, body)
-    L += ["", "Load CV: coefficient of variation of the top-k assignment counts over the experts in the "
-          "probe (decode steps of random prompts). Only the per-token spread is matched: a trained model's "
-          "expert popularity skew and the correlation between the tokens of a batch are not, and both lower "
-          "the plain distinct-expert count below the random model's."]
+    L += ["", "top-k mass: probability of each row's own k best experts (k of that row). Load CV: coefficient "
+          "of variation of the top-k assignment counts over the experts (trained model: held-out text; this "
+          "model: decode steps of random prompts). The gaps (mean over tokens, logits) decide the Lynx bins "
+          "(1/alpha logits wide). Only one number is matched (see above); a trained router is peakier than "
+          "Gaussian logits (a clear best expert over a flatter rest), and its expert popularity skew and "
+          "the correlation between the tokens of a batch are not reproduced: both would lower the plain "
+          "distinct-expert count below this model's (close to the uniform-routing curve)."]
 
     rows = results["rows"]
     get = {(r["backend"], r["batch"]): r for r in rows}
