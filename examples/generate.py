@@ -70,7 +70,9 @@ def run_mode(name, model, prompt, new_tokens, num_moe_layers):
     torch._dynamo.reset()
     forward = model.forward if backend is None else torch.compile(model.forward, backend=backend, options=options)
     start = time.perf_counter()
-    greedy(forward, model.config, prompt, 3)  # compiles the prefill and decode graphs
+    # Compiles the prefill and decode graphs. Same cache length as the timed run: dynamo
+    # guards on it, and a different one would recompile inside the timed loop.
+    greedy(forward, model.config, prompt, new_tokens)
     warmup = time.perf_counter() - start
     counter = EagerExpertCounter(model) if backend is None else None
     with lynx_compile.capture_routing() as cap:

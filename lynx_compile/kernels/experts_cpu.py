@@ -1,9 +1,11 @@
-"""CPU grouped experts: one GEMM pair per expert that received tokens.
+"""CPU grouped experts: rows grouped by expert, one grouped GEMM per projection.
 
-Decode is memory-bound: the cost is the bytes of expert weights read. This path reads only
-the experts that appear in ``topk_ids``, each once, in the model's dtype (matmuls accumulate
-in fp32), and combines the k weighted outputs per token in fp32 and in slot order, like
-transformers' ``grouped_mm`` path. Reading the expert counts on the host is free on CPU.
+Decode is memory-bound: the cost is the bytes of expert weights read. Tokens are sorted by
+expert and each projection is one ``torch._grouped_mm`` over the groups, which reads only the
+experts that received tokens, each once, in the model's dtype (fp32 accumulation). Where the
+tensors are not aligned as ``_grouped_mm`` needs (strides in multiples of 16 bytes), a loop of
+``torch.mm`` over the non-empty groups does the same. The k weighted outputs of a token are
+summed in fp32 and in slot order, like transformers' ``grouped_mm`` path.
 """
 
 from __future__ import annotations
@@ -11,6 +13,27 @@ from __future__ import annotations
 import torch
 
 from .experts_ref import check_experts_args, expert_mlp
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(
+        t.data_ptr() % 16 == 0
+        and all((stride * t.element_size()) % 16 == 0 for stride, size in zip(t.stride(), t.shape) if stride != 1 and size > 1)
+        for t in tensors
+    )
+
+
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rows[offsets[e-1]:offsets[e]] @ weights[e]`` for every expert ``e`` (``weights [E, in, out]``)."""
+    if _aligned(rows, weights):
+        return torch._grouped_mm(rows, weights, offs=offsets)
+    out = rows.new_empty((rows.shape[0], weights.shape[2]))
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(rows[start:end], weights[expert], out=out[start:end])
+        start = end
+    return out
 
 
 def grouped_experts_cpu(
@@ -21,23 +44,18 @@ def grouped_experts_cpu(
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=w_gate_up.shape[0]).tolist()
+    sorted_ids = flat_ids[order]
+    offsets = torch.cumsum(torch.bincount(flat_ids, minlength=w_gate_up.shape[0]), 0, dtype=torch.int32)
     x = hidden[order // top_k].to(w_gate_up.dtype)
-    rows = torch.empty((order.numel(), hidden.shape[1]), dtype=torch.float32)
 
-    def pick(w, e):
-        return None if w is None else w[e]
+    def project(rows, weights, transposed):
+        return grouped_mm(rows, weights if transposed else weights.transpose(-2, -1), offsets)
 
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        rows[start:end] = expert_mlp(
-            x[start:end], w_gate_up[e], w_down[e], pick(w_up, e), pick(b_gate_up, e),
-            pick(b_down, e), activation, layout, activation_args,
-        )
-        start = end
+    def per_row(bias):
+        return None if bias is None else bias[sorted_ids]
+
+    rows = expert_mlp(x, w_gate_up, w_down, w_up, per_row(b_gate_up), per_row(b_down), activation, layout,
+                      activation_args, project=project).float()
     rows *= topk_weights.reshape(-1)[order, None]
     out = torch.empty_like(rows)
     out[order] = rows  # back to (token, slot) order

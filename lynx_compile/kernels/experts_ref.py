@@ -55,28 +55,26 @@ def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, l
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """``x @ W.T`` (nn.Linear layout) or ``x @ W`` (transposed); a 3-D ``w`` is one matrix per row."""
-    if w.dim() == 2:
-        return x @ w if transposed else F.linear(x, w)
+    """``x @ W.T`` (nn.Linear layout) or ``x @ W`` (transposed), one matrix ``w[i]`` per row."""
     if transposed:
         return (x.unsqueeze(-2) @ w).squeeze(-2)
     return (w @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def expert_mlp(x, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args):
-    """The gated MLP of one expert on rows ``x [n, H]`` (2-D weights: one GEMM per
-    projection), or of one expert per row (3-D weights ``[n, ...]``), in ``x``'s dtype."""
+def expert_mlp(x, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args, project=_project):
+    """The gated MLP on rows ``x``, in ``x``'s dtype. ``project(rows, w, transposed)`` applies
+    the weights: by default 3-D weights hold one matrix per row; biases are per row."""
     transposed = layout in _TRANSPOSED
-    gate_up = _project(x, w_gate_up, transposed)
+    gate_up = project(x, w_gate_up, transposed)
     if b_gate_up is not None:
         gate_up = gate_up + b_gate_up
     if layout == "gate_up_interleaved_t":
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     elif layout == "gate_up_split":
-        gate, up = gate_up, _project(x, w_up, transposed)
+        gate, up = gate_up, project(x, w_up, transposed)
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-    out = _project(gated_activation(gate, up, activation, args), w_down, transposed)
+    out = project(gated_activation(gate, up, activation, args).contiguous(), w_down, transposed)
     return out + b_down if b_down is not None else out
 
 
