@@ -45,8 +45,14 @@ def select_experts_op(
     of 16 tokens and a decode step of 16 sequences have the same token count). The rest
     is the router's rule (``selector.RouterRule``).
     """
-    rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
+    rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
     return _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, route_batch_aware)
+
+
+@functools.lru_cache(maxsize=None)
+def _rule(*fields) -> RouterRule:
+    """The op's rule arguments as a RouterRule, built (and validated) once per distinct rule."""
+    return RouterRule(*fields)
 
 
 def _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, batch_aware):
@@ -65,7 +71,7 @@ def _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, 
 @select_experts_op.register_kernel("cuda")
 def _(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, scoring, renormalize,
       softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor):
-    rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
+    rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
     kernels = _cuda_kernels()
     # The Triton selector covers ungrouped softmax routers; softmax over the chosen k logits
     # (GPT-OSS) is softmax -> top-k -> renormalise.

@@ -16,8 +16,13 @@ from .routers import RouterMatch
 
 
 def _call(graph: Graph, target, args: tuple, like: Node, kwargs: dict | None = None) -> Node:
-    """Insert ``target(*args)`` with ``like``'s source metadata and a fake example value."""
-    node = graph.call_function(target, args, kwargs or {})
+    """Insert ``target(*args)`` with ``like``'s source metadata and a fake example value.
+    A string target is a tensor method (``"to"``), as dynamo itself records it."""
+    if isinstance(target, str):
+        node = graph.call_method(target, args, kwargs or {})
+        target = getattr(torch.Tensor, target)
+    else:
+        node = graph.call_function(target, args, kwargs or {})
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
@@ -64,7 +69,7 @@ def replace_router(graph: Graph, match: RouterMatch, settings: SelectorSettings,
         ids = _call(graph, operator.getitem, (select, 1), like=match.topk)
     if dtype(match.weights) != torch.float32:  # keep the dtype the router handed on
         with graph.inserting_after(weights):
-            weights = _call(graph, torch.Tensor.to, (weights,), like=match.topk, kwargs={"dtype": dtype(match.weights)})
+            weights = _call(graph, "to", (weights,), like=match.topk, kwargs={"dtype": dtype(match.weights)})
     match.weights.replace_all_uses_with(weights)
     match.ids.replace_all_uses_with(ids)
     erase_dead(graph, match.nodes)
