@@ -2,7 +2,7 @@
 
     python examples/evaluate.py                 # the shipped model (about 30 min on 2 busy cores)
     python examples/evaluate.py --quick         # smoke run (2-3 min)
-    python examples/evaluate.py --model /tmp/tiny-moe-quick
+    python examples/evaluate.py --model out/tiny-moe-quick
 
 Data: windows of ``--prefill + --steps + 1`` bytes from the model's held-out files
 (``heldout_files.txt`` in the model directory, under ``sysconfig.get_paths()["stdlib"]``),

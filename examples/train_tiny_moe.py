@@ -29,7 +29,7 @@ Output directory (default models/lynx-tiny-moe):
 Full run (about 45 min on 2 uncontended cores; 79 min on a shared, busy machine):
     .venv/bin/python examples/train_tiny_moe.py --seed 0 --out models/lynx-tiny-moe
 Smoke run (1-2 min):
-    .venv/bin/python examples/train_tiny_moe.py --quick --out /tmp/tiny-moe-quick
+    .venv/bin/python examples/train_tiny_moe.py --quick --out out/tiny-moe-quick
 Re-evaluate a saved checkpoint on the same held-out sample:
     .venv/bin/python examples/train_tiny_moe.py --eval-only --out models/lynx-tiny-moe
 """

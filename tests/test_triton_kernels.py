@@ -174,7 +174,7 @@ def test_gpu_default_config_is_sane(h200_sm_count, hidden, inter, num_experts, k
         config.check()
         assert config.block_m >= min(num_tokens, 64)  # each expert is one tile at decode
         assert 2 <= config.num_stages <= 4
-        assert 1 <= config.split_k <= inter // config.down_block_k
+        assert config.split_k >= 1 and config.split_k <= inter // config.down_block_k
 
 
 def test_experts_no_tokens():
