@@ -194,7 +194,7 @@ def markdown(args, meta, results, names) -> str:
                   f"{len(on['reports'])} graphs): alpha={alpha}, beta={beta} ({source})"]
         unmatched = [u for rep in on["reports"] for u in rep["unmatched"]]
         if unmatched:
-            L += [f"- lynx left unchanged: " + "; ".join(f"{u['module']} ({u['reason']})" for u in unmatched)]
+            L += ["- lynx left unchanged: " + "; ".join(f"{u['module']} ({u['reason']})" for u in unmatched)]
     L += [f"- lynx keep: alpha={args.keep_alpha} (every expert in bin 0: plain top-k, selector still runs)"]
 
     L += ["", "## Router realism", ""]

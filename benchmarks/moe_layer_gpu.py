@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_layer_baselines import hf_paths  # noqa: E402
-from moe_layer_shapes import BATCHES, MODELS  # noqa: E402
+from moe_layer_shapes import BATCHES, MODELS, ModelShape  # noqa: E402
 from lynx_compile.kernels.triton_experts import grouped_experts_triton  # noqa: E402
 from lynx_compile.kernels.triton_experts_config import default_config  # noqa: E402
 from lynx_compile.kernels.triton_moe_align import align_routing  # noqa: E402
@@ -203,7 +203,6 @@ def copy_bandwidth_gbps() -> float:
     src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     us = time_eager([lambda: dst.copy_(src)], iters=10)
-    del src, dst
     return 2 * size / us / 1e3
 
 
