@@ -125,3 +125,28 @@ def test_graphs_with_gradients_left_alone():
     report = last_report()
     assert report.matched == [] and "gradients are enabled" in report.unmatched[0].reason
     assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
+
+
+def test_experts_with_extra_value_computation_left_alone(monkeypatch):
+    # transformers' grouped_mm path with one extra in-place write into a GEMM output: every
+    # other op is as usual, so only op-by-op accounting tells this is not plain experts.
+    from moe_models import tiny_model
+    from transformers.integrations import moe as hf_moe
+
+    original = hf_moe._grouped_linear
+
+    def zero_first_feature(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out[:, 0] = 0.0
+        return out
+
+    monkeypatch.setattr(hf_moe, "_grouped_linear", zero_first_feature)
+    model = tiny_model("qwen3_moe")
+    input_ids = torch.randint(2, 90, (4, 1))
+    compiled = torch.compile(model.forward, backend="lynx", options={"compiler": "eager"})
+    with torch.no_grad():
+        out = compiled(input_ids=input_ids, use_cache=False).logits
+        assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
+    report = last_report()
+    assert report.matched == []
+    assert any("unexpected setitem" in u.reason for u in report.unmatched)

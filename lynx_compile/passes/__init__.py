@@ -53,7 +53,7 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
             report.unmatched.append(UnmatchedCandidate(
                 module_path(node), node.name, "grouped GEMM not fed by a recognised router"
             ))
-        elif op_kind(node) == "fn:one_hot" and node.args[0].op == "placeholder":  # eager experts, after a break
+        elif op_kind(node) == "fn:one_hot" and getattr(node.args[0], "op", "") == "placeholder":  # eager experts loop
             report.unmatched.append(UnmatchedCandidate(module_path(node), node.name, EAGER_EXPERTS_HINT))
     if report.matched:
         graph.lint()

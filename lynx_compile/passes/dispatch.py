@@ -132,6 +132,17 @@ def expert_region(router: RouterMatch, output: Node) -> tuple[set[Node], Node, N
     return region, hidden[0], ids, weights
 
 
+def downstream_within(region: set[Node], sources: list[Node]) -> set[Node]:
+    """Region nodes that depend on any of ``sources``."""
+    found, todo = set(), [u for s in sources for u in s.users if u in region]
+    while todo:
+        node = todo.pop()
+        if node not in found:
+            found.add(node)
+            todo.extend(u for u in node.users if u in region)
+    return found
+
+
 def combine_output(slot_sum: Node, hidden: Node) -> Node | None:
     """The per-token sum, or its single cast back to the hidden dtype when the sum was wider."""
     if dtype(slot_sum) == dtype(hidden):
@@ -169,7 +180,7 @@ def expert_param(node: object, gathered: bool) -> tuple[Node | None, int]:
 # Ops that only compute the token permutation and group offsets (no arithmetic on values).
 _BOOKKEEPING = frozenset({
     "sort", "floordiv", "histc", "bincount", "cumsum", "empty_like", "zeros_like", "arange",
-    "setitem", "ge", "index_select", "gather", "scatter", "repeat_interleave",
+    "setitem", "ge", "index_select", "gather", "scatter",
 })
 
 
@@ -280,13 +291,16 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
         return "the experts' outputs are not multiplied by the routing weights once"
     accounted = {first.node, second.node, slot_sum, output, weighted[0], *gate.nodes}
     accounted |= {g.bias_add for g in gemms if g.bias_add is not None}
+    # Bookkeeping may only compute the permutation and offsets from the expert ids: any
+    # such op on the hidden states, weights or parameters is computation lynx does not model.
+    values = downstream_within(region, [hidden, weights, first.param, second.param])
     for node in nodes:
         kind = op_kind(node)
-        if node in accounted or kind in LAYOUT_KINDS or kind in _BOOKKEEPING:
+        if node in accounted or kind in LAYOUT_KINDS or kind == "repeat_interleave":  # batched_mm: x per slot
             continue
         if kind == "masked_fill" and is_sentinel_mask(node, num_experts):
             continue
-        if kind == "clamp" and _clamps_ids(node, num_experts):
+        if node not in values and (kind in _BOOKKEEPING or (kind == "clamp" and _clamps_ids(node, num_experts))):
             continue
         return f"unexpected {kind} ({node.name}) in the experts computation"
 
