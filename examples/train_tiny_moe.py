@@ -26,7 +26,7 @@ Output directory (default models/lynx-tiny-moe):
     heldout_files.txt     relative paths of the held-out files
     eval_results.json     final held-out metrics of the saved checkpoint
 
-Full run (about 45 min on 2 uncontended cores; 79 min on a shared, busy machine):
+Full run (50 min on 2 idle cores; 79 min on a shared, busy machine):
     .venv/bin/python examples/train_tiny_moe.py --seed 0 --out models/lynx-tiny-moe
 Smoke run (1-2 min):
     .venv/bin/python examples/train_tiny_moe.py --quick --out out/tiny-moe-quick
