@@ -383,9 +383,11 @@ def main(argv=None):
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
+    # "stdlib" says how the corpus was found, not where: no machine path in a committed log.
     emit({
         "type": "header", "args": vars(a), "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "stdlib": str(root), "corpus_sha1": digest,
+        "transformers": transformers.__version__, "stdlib": 'sysconfig.get_paths()["stdlib"]',
+        "corpus_sha1": digest,
         "train_files": len(train_rels), "heldout_files": len(held_rels), "train_bytes": int(len(train)),
         "heldout_bytes": int(len(held)), "eval_windows": int(len(win)), "params": n_params,
         "expert_params": n_expert, "active_params_per_token": active,
