@@ -294,8 +294,8 @@ def time_selector(batch, logits_list, lynx_on_row, shape, dtype, repeats: int = 
     inputs = [x.to(dtype) for x in logits_list]
 
     def selector(x):
-        return torch.ops.lynx.select_experts.default(x, None, k, 1, alpha, beta, True, "softmax", renorm,
-                                                     False, 1, 1, "max", 1.0)
+        return torch.ops.lynx.select_experts.default(x, None, None, None, k, 1, "lynx", [alpha, beta or 0.0], True,
+                                                     "softmax", renorm, False, 1, 1, "max", 1.0)
 
     def plain(x):
         w, i = torch.softmax(x, dim=-1, dtype=torch.float).topk(k, dim=-1)

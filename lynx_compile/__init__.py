@@ -3,7 +3,8 @@
     model.forward = torch.compile(model.forward, backend="lynx")
 
 Public API: ``select_experts``, ``LynxOptions``, ``last_report``, ``collect_reports``,
-``capture_routing``, ``calibrate``, ``lynx_backend``.
+``capture_routing``, ``calibrate``, ``lynx_backend``, and the step context an engine uses to
+say what a step is (``set_step``, ``clear_step``, ``step``, ``reserve_step``).
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.lynx.*)
@@ -13,6 +14,7 @@ from .capture import capture_routing
 from .options import LynxOptions
 from .report import LynxReport, collect_reports, last_report
 from .selector import select_experts
+from .step import clear_step, reserve_step, set_step, step
 
 __all__ = [
     "LynxOptions",
@@ -22,6 +24,10 @@ __all__ = [
     "collect_reports",
     "last_report",
     "lynx_backend",
+    "clear_step",
+    "reserve_step",
     "select_experts",
+    "set_step",
+    "step",
 ]
 __version__ = "0.1.0"

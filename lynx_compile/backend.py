@@ -12,7 +12,7 @@ import logging
 import torch
 from torch.fx import GraphModule
 
-from . import dump
+from . import dump, ops
 from .options import LynxOptions
 from .passes import rewrite_moe_layers
 from .report import LynxReport, UnmatchedCandidate, set_last_report
@@ -50,7 +50,19 @@ def lynx_backend(gm: GraphModule, example_inputs, *, mode: str | None = None, op
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=_decompositions(gm, opts))
+
+
+def _decompositions(gm: GraphModule, opts: LynxOptions) -> dict | None:
+    """Inductor's decompositions, plus the selector's own torch code unless the user observes
+    routing calls: Inductor then traces the selector into the graph and fuses it (one table for
+    the whole graph, so the choice is per graph)."""
+    select = torch.ops.lynx.select_experts.default
+    if opts.observe or not any(n.target is select for n in gm.graph.nodes):
+        return None
+    from torch._inductor.decomposition import select_decomp_table
+
+    return {**select_decomp_table(), select: ops.select_experts_decomposition}
 
 
 __all__ = ["lynx_backend"]

@@ -77,7 +77,8 @@ import torch
 from .backend import lynx_backend
 from .capture import capture_routing
 from .report import describe_rule, last_report
-from .selector import RouterRule, select_experts, topk_ids
+from .policies.rules import RouterRule, order_key, topk_by_key
+from .selector import select_experts
 from .settings import derived_settings
 
 ALPHAS = (0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -231,7 +232,7 @@ class _Step:
 def _plain_step(logits: torch.Tensor, top_k: int, renormalize: bool) -> _Step:
     logits = logits.detach().float()
     probs = torch.softmax(logits, dim=-1)
-    plain_ids = topk_ids(logits, top_k)  # the selector's own tie rule
+    plain_ids = topk_by_key(order_key(logits), top_k)  # the selector's own tie rule
     plain_mass = probs.gather(-1, plain_ids).sum(dim=-1)
     weights = probs.gather(-1, plain_ids)
     if renormalize:

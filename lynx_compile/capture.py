@@ -4,13 +4,18 @@
         compiled(**batch)
     cap.distinct_experts()   # one entry per MoE layer call
 
-Recording happens in the ops' Python implementations, so it sees eager and compiled runs
-alike (not CUDA-graph replays). When no capture is active it costs one list check.
+Recording happens in the ops' Python implementations. The experts op is opaque in every
+compiled graph, so its calls are always recorded; the selector is fused into Inductor's code by
+default, so routing calls are recorded where the op runs as Python: eagerly, under
+``compiler="eager"``, or with ``options={"observe": True}``. CUDA-graph replays run no Python and
+record nothing. Captures are per thread: a capture sees the calls its own thread makes. When no
+capture is active recording costs one list check.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,14 +27,28 @@ class RoutingEvent:
     """One call of ``lynx::select_experts``."""
 
     logits: torch.Tensor  # fp32 [T, E], as the op saw them
-    seq_len: int
+    seq_len: int  # the layer's sequence length from the graph (-1: the layout gives none)
     ids: torch.Tensor
     weights: torch.Tensor
-    rerouted: bool  # False: plain top-k (prefill, or a single token)
-    rule: object  # selector.RouterRule
-    alpha: float
-    beta: int | None
+    voters: torch.Tensor  # bool [T]: the rows that shaped the kept set
+    live: torch.Tensor | None  # bool [T] from the step context, None if there is none
+    rule: object  # policies.rules.RouterRule
+    policy: str
+    knobs: dict  # the policy's settings, e.g. {"alpha": 3.0, "beta": 2}
     score_bias: torch.Tensor | None
+
+    @property
+    def rerouted(self) -> bool:
+        """Whether the batch-aware choice ran with at least two voters (else: plain top-k)."""
+        return int(self.voters.sum()) >= 2
+
+    @property
+    def alpha(self):
+        return self.knobs.get("alpha")
+
+    @property
+    def beta(self):
+        return self.knobs.get("beta")
 
 
 @dataclass
@@ -50,31 +69,40 @@ class RoutingCapture:
         return [event.distinct_experts for event in self.dispatch]
 
 
-_active: list[RoutingCapture] = []
+class _ThreadCaptures(threading.local):
+    def __init__(self):
+        self.active: list[RoutingCapture] = []
+
+
+_captures = _ThreadCaptures()
 
 
 @contextlib.contextmanager
 def capture_routing() -> Iterator[RoutingCapture]:
-    """Record every lynx routing and experts call made inside the block."""
+    """Record every lynx routing and experts call this thread makes inside the block."""
     cap = RoutingCapture()
-    _active.append(cap)
+    _captures.active.append(cap)
     try:
         yield cap
     finally:
-        _active.remove(cap)
+        _captures.active.remove(cap)
 
 
-def record_routing(logits, seq_len, ids, weights, rerouted, rule, alpha, beta, score_bias) -> None:
-    if _active:
-        bias = None if score_bias is None else score_bias.detach().clone()
-        event = RoutingEvent(logits.detach().clone(), int(seq_len), ids.clone(), weights.clone(), rerouted,
-                             rule, alpha, beta, bias)
-        for cap in _active:
+def record_routing(logits, seq_len, ids, weights, voters, live, rule, policy, knobs, score_bias) -> None:
+    active = _captures.active
+    if active:
+        def copy(t):
+            return None if t is None else t.detach().clone()
+
+        event = RoutingEvent(copy(logits.float()), int(seq_len), ids.clone(), weights.clone(), voters.clone(),
+                             copy(live), rule, policy, dict(knobs), copy(score_bias))
+        for cap in active:
             cap.routing.append(event)
 
 
 def record_dispatch(topk_ids: torch.Tensor) -> None:
-    if _active:
+    active = _captures.active
+    if active:
         event = DispatchEvent(topk_ids.clone(), int(topk_ids.unique().numel()))
-        for cap in _active:
+        for cap in active:
             cap.dispatch.append(event)

@@ -1,8 +1,10 @@
 """The two custom ops the lynx passes insert into a graph.
 
 ``lynx::select_experts`` replaces a router's top-k; ``lynx::grouped_experts`` replaces the
-experts dispatch. Both are opaque to Inductor (``torch.library.custom_op`` with a fake
-implementation), so a compiled graph calls them like any fallback kernel.
+experts dispatch. Both are ``torch.library.custom_op``s with fake implementations. The experts
+op is opaque to Inductor (a compiled graph calls its kernel like any fallback); the selector is
+small static-shaped torch, which the backend lets Inductor trace and fuse
+(``select_experts_decomposition``) unless the user asks to observe every call.
 """
 
 from __future__ import annotations
@@ -14,22 +16,22 @@ import torch
 from . import capture
 from .kernels.experts_cpu import grouped_experts_cpu
 from .kernels.experts_ref import check_experts_args, grouped_experts_reference
-from .selector import RouterRule, route_batch_aware, route_plain
-
-
-def is_decode_step(num_tokens: int, seq_len: int) -> bool:
-    """Memory-bound decode: one new token per sequence and at least 2 tokens in the step."""
-    return seq_len == 1 and num_tokens >= 2
+from .policies import get_policy
+from .policies.rules import RouterRule
+from .selector import route
+from .step import step_decision
 
 
 @torch.library.custom_op("lynx::select_experts", mutates_args=())
 def select_experts_op(
     router_logits: torch.Tensor,
     score_bias: torch.Tensor | None,
+    step_state: torch.Tensor | None,
+    step_mask: torch.Tensor | None,
     top_k: int,
     seq_len: int,
-    alpha: float,
-    beta: int | None,
+    policy: str,
+    policy_args: list[float],
     decode_only: bool,
     scoring: str,
     renormalize: bool,
@@ -39,14 +41,36 @@ def select_experts_op(
     group_score: str,
     scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing for one MoE layer: batch-aware in decode steps, plain top-k otherwise.
+    """Routing for one MoE layer: batch-aware in steps that re-route, plain top-k otherwise.
 
-    ``seq_len`` is the sequence length of the layer input, read from the graph (a prefill
-    of 16 tokens and a decode step of 16 sequences have the same token count). The rest
-    is the router's rule (``selector.RouterRule``).
+    ``step_state``/``step_mask``: the device's step context (``lynx_compile.step``), read at run
+    time. ``seq_len``: the layer input's sequence length read from the graph (the shape rule:
+    a step is a decode step when it is 1), or -1 where the layout gives none. ``policy`` and its
+    ``policy_args`` (``policies.Policy.encode``), then the router's rule (``RouterRule``).
     """
     rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
-    return _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, route_batch_aware)
+    weights, ids, voters, live = _select(router_logits, score_bias, step_state, step_mask, top_k, seq_len,
+                                         policy, policy_args, decode_only, rule)
+    capture.record_routing(router_logits, seq_len, ids, weights, voters, live, rule, policy,
+                           get_policy(policy).decode(policy_args), score_bias)
+    return weights, ids
+
+
+def _select(router_logits, score_bias, step_state, step_mask, top_k, seq_len, policy, policy_args, decode_only,
+            rule: RouterRule):
+    rerouting, live = step_decision(step_state, step_mask, router_logits.shape[0], seq_len, decode_only,
+                                    router_logits.device)
+    knobs = get_policy(policy).decode(policy_args)
+    weights, ids, voters = route(router_logits, score_bias, top_k, rule, policy, knobs, rerouting, live)
+    return weights, ids, voters, live
+
+
+def select_experts_decomposition(router_logits, score_bias, step_state, step_mask, top_k, seq_len, policy,
+                                 policy_args, decode_only, *rule_fields):
+    """What Inductor traces in place of the op (``backend.py``): the same routing, fused."""
+    weights, ids, _, _ = _select(router_logits, score_bias, step_state, step_mask, top_k, seq_len, policy,
+                                 policy_args, decode_only, _rule(*rule_fields))
+    return weights, ids
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,37 +79,15 @@ def _rule(*fields) -> RouterRule:
     return RouterRule(*fields)
 
 
-def _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, batch_aware):
-    logits = router_logits.float()
-    bias = None if score_bias is None else score_bias.float()
-    num_tokens = logits.shape[0]
-    rerouted = num_tokens >= 2 and (not decode_only or is_decode_step(num_tokens, seq_len))
-    if rerouted:
-        weights, ids = batch_aware(logits, top_k, alpha, beta, rule, bias)
-    else:  # the router's own ops, so prefill numerics are unchanged
-        weights, ids = route_plain(logits, top_k, rule, bias)
-    capture.record_routing(logits, seq_len, ids, weights, rerouted, rule, alpha, beta, bias)
-    return weights, ids
-
-
-@select_experts_op.register_kernel("cuda")
-def _(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, scoring, renormalize,
-      softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor):
-    rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
-    kernels = _cuda_kernels()
-    # The Triton selector covers ungrouped softmax routers; softmax over the chosen k logits
-    # (GPT-OSS) is softmax -> top-k -> renormalise.
-    triton_rules = (RouterRule(renormalize=renormalize), RouterRule(renormalize=True, softmax_after_topk=True))
-    if kernels is not None and rule in triton_rules and score_bias is None:
-        def batch_aware(logits, top_k, alpha, beta, rule, bias):
-            return kernels.select_experts_triton(logits, top_k, alpha, beta, True if rule.softmax_after_topk else rule.renormalize)
-    else:  # rules the Triton kernel does not cover run the torch reference on the GPU
-        batch_aware = route_batch_aware
-    return _route(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, rule, batch_aware)
+def triton_covers(rule: RouterRule, biased: bool, policy: str, num_experts: int) -> bool:
+    """Rules the Triton selector implements: ungrouped softmax routers (softmax over the chosen k
+    logits, GPT-OSS, is softmax -> top-k -> renormalise), policy lynx."""
+    plain_softmax = rule.scoring == "softmax" and not rule.grouped and rule.scaling_factor == 1.0
+    return plain_softmax and not biased and policy == "lynx" and num_experts <= 8192
 
 
 @select_experts_op.register_fake
-def _(router_logits, score_bias, top_k, seq_len, alpha, beta, decode_only, *rule):
+def _(router_logits, score_bias, step_state, step_mask, top_k, *rest):
     num_tokens = router_logits.shape[0]
     weights = router_logits.new_empty((num_tokens, top_k), dtype=torch.float32)
     ids = router_logits.new_empty((num_tokens, top_k), dtype=torch.int64)

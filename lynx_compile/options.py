@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-POLICIES = ("lynx", "off")
+from .policies import POLICIES as _SELECTION_POLICIES
+
+POLICIES = (*_SELECTION_POLICIES, "off")
 COMPILERS = ("inductor", "eager")
 NO_CLAMP = "none"  # beta value meaning "no clamp"; beta=None means "the model's default"
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"
@@ -16,7 +19,7 @@ DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 _DOCS = {
     "policy": f"one of {POLICIES}: 'lynx' runs the batch-aware selector in decode steps, "
     "'off' keeps plain top-k routing (lynx's experts op and Inductor only)",
-    "alpha": "a number > 0 (bins are 1/alpha logits wide), or None for the model's default",
+    "alpha": "a finite number > 0 (bins are 1/alpha logits wide), or None for the model's default",
     "beta": f"an int >= 1 (deepest bin), {NO_CLAMP!r} for no clamp, or None for the model's default",
     "decode_only": "True: re-route only in decode steps (one new token per sequence, >= 2 "
     "tokens); False: also in prefill",
@@ -25,11 +28,15 @@ _DOCS = {
     "dump_dir": f"a directory for graph dumps, or None (environment: {DUMP_DIR_ENV})",
     "compiler": f"one of {COMPILERS}: what runs the rewritten graph; 'eager' skips Inductor "
     "(debugging, graph tests)",
+    "sequence_dim": "None, 0 or 1: which dimension of a [a, b, hidden] MoE layer input is the sequence, "
+    "for the shape rule (decode when it is 1) in modules outside transformers (whose layout lynx knows)",
+    "observe": "True keeps the selector an opaque op, so capture_routing() records every routing call "
+    "under Inductor too (slower); False lets Inductor fuse it",
 }
 
 
 def _valid_alpha(alpha) -> bool:
-    return not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and alpha > 0
+    return not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and 0 < alpha < math.inf
 
 
 def _valid_beta(beta) -> bool:
@@ -53,6 +60,8 @@ class LynxOptions:
     layer_settings: Mapping[str, tuple] | None = None
     dump_dir: str | None = None
     compiler: str = "inductor"
+    sequence_dim: int | None = None
+    observe: bool = False
 
     def __post_init__(self):
         def bad(name: str, value: object) -> ValueError:
@@ -72,6 +81,10 @@ class LynxOptions:
             raise bad("dump_dir", self.dump_dir)
         if self.compiler not in COMPILERS:
             raise bad("compiler", self.compiler)
+        if self.sequence_dim is not None and (isinstance(self.sequence_dim, bool) or self.sequence_dim not in (0, 1)):
+            raise bad("sequence_dim", self.sequence_dim)
+        if not isinstance(self.observe, bool):
+            raise bad("observe", self.observe)
         if self.dump_dir is not None:
             object.__setattr__(self, "dump_dir", str(Path(self.dump_dir)))
 

@@ -25,6 +25,7 @@ class MatchedLayer:
     alpha: float | None
     beta: int | None
     settings: str  # where alpha/beta came from
+    step: str = "-"  # how the step kind (decode or not) is decided
 
 
 @dataclass
@@ -50,7 +51,7 @@ class LynxReport:
         lines = [f"# lynx report: {self.graph}", "", f"## Rewritten MoE layers ({len(self.matched)})", ""]
         if self.matched:
             cols = ["module", "block", "num_experts", "top_k", "router", "rule", "dispatch",
-                    "layout", "activation", "policy", "alpha", "beta", "settings"]
+                    "layout", "activation", "policy", "alpha", "beta", "settings", "step"]
             lines += _table(cols, [[getattr(m, c) for c in cols] for m in self.matched])
         lines += ["", f"## Left unchanged ({len(self.unmatched)})", ""]
         if self.unmatched:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import family_zoo  # noqa: E402
 
 from lynx_compile import capture_routing, collect_reports  # noqa: E402
-from lynx_compile.selector import route_batch_aware  # noqa: E402
+from lynx_compile.selector import reference_route  # noqa: E402
 
 
 @dataclass
@@ -102,7 +102,7 @@ def sweep_family(family: str, scope: str = "model", decode: bool = True) -> Swee
             result.problems.append("a decode step was not re-routed")
         for event in cap.routing:
             top_k = event.ids.shape[1]
-            weights, ids = route_batch_aware(event.logits, top_k, event.alpha, event.beta, event.rule, event.score_bias)
+            weights, ids = reference_route(event.logits, top_k, event.rule, event.policy, event.knobs, event.score_bias)
             if not (torch.equal(ids, event.ids) and torch.equal(weights, event.weights)):
                 result.problems.append("a decode-step choice differs from the reference selector")
     # Blocks run through lynx's experts op (one graph may serve several blocks, and a graph

@@ -54,8 +54,10 @@ class Block(nn.Module):
 
 
 class GptFastMoE(nn.Module):
-    def __init__(self, vocab=96, dim=48, intermediate=40, num_experts=8, top_k=2, layers=2, router_scale=20.0):
+    def __init__(self, vocab=96, dim=48, intermediate=40, num_experts=8, top_k=2, layers=2, router_scale=20.0,
+                 seq_first=False):
         super().__init__()
+        self.seq_first = seq_first  # Megatron-style activations [seq, batch, dim] between the layers
         self.tok_embeddings = nn.Embedding(vocab, dim)
         self.layers = nn.ModuleList(
             Block(num_experts=num_experts, top_k=top_k, dim=dim, intermediate=intermediate) for _ in range(layers)
@@ -67,6 +69,7 @@ class GptFastMoE(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_embeddings(idx)
+        x = x.transpose(0, 1) if self.seq_first else x
         for layer in self.layers:
             x = layer(x)
-        return self.output(x)
+        return self.output(x.transpose(0, 1) if self.seq_first else x)

@@ -14,7 +14,7 @@ import torch
 from moe_models import FAMILIES, VOCAB, moe_blocks, router_modules, tiny_model
 
 from lynx_compile import capture_routing, last_report
-from lynx_compile.selector import route_batch_aware
+from lynx_compile.selector import reference_route
 
 ALPHA, BETA = 3.0, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,7 +83,8 @@ def check_lynx_on(model, family, dtype):
     check_report(report, model, family, "lynx")
     assert cap.routing and all(e.rerouted for e in cap.routing)
     for event in cap.routing:  # the op chose exactly what the reference chooses on its input
-        ref_w, ref_ids = route_batch_aware(event.logits, FAMILIES[family].top_k, ALPHA, BETA, event.rule, event.score_bias)
+        ref_w, ref_ids = reference_route(event.logits, FAMILIES[family].top_k, event.rule, "lynx",
+                                         {"alpha": ALPHA, "beta": BETA}, event.score_bias)
         assert torch.equal(event.ids, ref_ids) and torch.equal(event.weights, ref_w)
     with reference_routing(model, family) as ref_chosen:
         ref_logits = run_eager(model, input_ids)

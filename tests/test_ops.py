@@ -7,6 +7,7 @@ import torch
 
 import lynx_compile  # noqa: F401  (registers torch.ops.lynx)
 from lynx_compile import capture_routing, select_experts
+from lynx_compile.step import step_buffers
 from lynx_compile.kernels.experts_cpu import grouped_experts_cpu
 from lynx_compile.kernels.experts_ref import grouped_experts_reference
 
@@ -14,9 +15,10 @@ select_op = torch.ops.lynx.select_experts.default
 experts_op = torch.ops.lynx.grouped_experts.default
 
 
-def softmax_select_args(logits, top_k, seq_len, alpha, beta, renormalize, decode_only):
-    """lynx::select_experts arguments for an ungrouped softmax router."""
-    return (logits, None, top_k, seq_len, alpha, beta, decode_only, "softmax", renormalize, False, 1, 1, "max", 1.0)
+def softmax_select_args(logits, top_k, seq_len, alpha, beta, renormalize, decode_only, state=None, mask=None):
+    """lynx::select_experts arguments for an ungrouped softmax router, policy lynx."""
+    return (logits, None, state, mask, top_k, seq_len, "lynx", [alpha, beta or 0.0], decode_only, "softmax",
+            renormalize, False, 1, 1, "max", 1.0)
 
 
 def select(*args):
@@ -60,9 +62,15 @@ LAYOUT_CASES = [
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("seq_len,num_tokens", [(1, 8), (4, 8), (1, 1)])
+@pytest.mark.parametrize("seq_len,num_tokens", [(1, 8), (4, 8), (1, 1), (-1, 8)])
 def test_opcheck_select(seq_len, num_tokens, renormalize):
     torch.library.opcheck(select_op, softmax_select_args(logits(num_tokens), 4, seq_len, 3.0, 2, renormalize, True))
+
+
+def test_opcheck_select_with_step_context():
+    state, mask = step_buffers("cpu")
+    args = softmax_select_args(logits(8), 4, 1, 3.0, 2, True, True, state, mask)
+    torch.library.opcheck(select_op, args)
 
 
 @pytest.mark.parametrize("layout,activation,args", LAYOUT_CASES)
@@ -80,7 +88,7 @@ def test_decode_step_is_rerouted():
     torch.testing.assert_close(weights, ref_w, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("seq_len,num_tokens,decode_only", [(4, 8, True), (1, 1, True), (1, 1, False)])
+@pytest.mark.parametrize("seq_len,num_tokens,decode_only", [(4, 8, True), (1, 1, True), (1, 1, False), (-1, 8, True)])
 def test_prefill_and_single_token_use_plain_topk(seq_len, num_tokens, decode_only):
     x = logits(num_tokens)
     with capture_routing() as cap:

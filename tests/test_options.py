@@ -14,7 +14,7 @@ from lynx_compile import LynxOptions
     [
         ({"polcy": "off"}, r"unknown lynx option 'polcy'; valid options: policy, alpha, beta"),
         ({"policy": "fast"}, r"policy='fast'.*'lynx', 'off'"),
-        ({"alpha": 0}, r"alpha=0: expected a number > 0"),
+        ({"alpha": 0}, r"alpha=0: expected a finite number > 0"),
         ({"alpha": "3"}, r"alpha='3'"),
         ({"beta": 0}, r"beta=0: expected an int >= 1"),
         ({"beta": 2.5}, r"beta=2.5"),

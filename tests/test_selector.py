@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lynx_compile import select_experts
-from lynx_compile.selector import vote_depth
+from lynx_compile.policies.affinity_binning import vote_depth
 
 
 def reference_ids(logits: torch.Tensor, k: int, alpha: float, beta: int | None) -> list[list[int]]:

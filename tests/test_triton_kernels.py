@@ -20,7 +20,8 @@ from lynx_compile.kernels.experts_ref import grouped_experts_reference
 from lynx_compile.kernels.triton_experts_config import ExpertsConfig, default_config
 from lynx_compile.kernels.triton_kernels import grouped_experts_triton, select_experts_triton
 from lynx_compile.kernels.triton_moe_align import align_routing, max_tiles
-from lynx_compile.selector import batch_aware_topk, softmax_topk_weights
+from lynx_compile.policies.rules import RouterRule
+from lynx_compile.selector import reference_route
 
 pytestmark = pytest.mark.triton
 
@@ -251,10 +252,10 @@ def tied_logits(num_tokens, num_experts, seed):
 
 def check_selector(logits, k, alpha, beta, renormalize=True):
     weights, ids = select_experts_triton(logits.to(DEVICE), k, alpha, beta, renormalize)
-    ref_ids = batch_aware_topk(logits.float(), k, alpha, beta)
+    ref_weights, ref_ids = reference_route(logits, k, RouterRule(renormalize=renormalize), "lynx",
+                                           {"alpha": alpha, "beta": beta})
     assert ids.dtype == torch.int64 and weights.dtype == torch.float32
     assert ids.cpu().tolist() == ref_ids.tolist()
-    ref_weights = softmax_topk_weights(logits.float(), ref_ids, k, renormalize)
     torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
 
 
@@ -291,7 +292,8 @@ def test_selector_many_small_batches():
         logits = skewed_logits(num_tokens, num_experts, seed=100 + case, spread=float(torch.rand(1, generator=g)) * 3)
         check_selector(logits, k, alpha, beta, renormalize=case % 2 == 0)
         plain = logits.topk(k).indices.unique().numel()
-        shrank += batch_aware_topk(logits, k, alpha, beta).unique().numel() < plain
+        ids = reference_route(logits, k, RouterRule(), "lynx", {"alpha": alpha, "beta": beta})[1]
+        shrank += ids.unique().numel() < plain
     assert shrank >= 4, f"only {shrank} of 16 batches used fewer experts than plain top-k"
 
 

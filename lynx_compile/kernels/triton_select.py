@@ -1,8 +1,9 @@
 """The batch-aware expert selector in Triton: four launches, the reference's exact int64 keys.
 
-It chooses exactly the experts ``lynx_compile.selector.batch_aware_topk`` chooses and weighs
-them like ``softmax_topk_weights``. One program holds one token's whole row of E logits
-(E is padded to a power of two), so E = 256 costs one 256-wide vector per program.
+It chooses exactly the experts ``lynx_compile.selector.reference_route`` chooses for an
+ungrouped softmax router (every row a voter) and weighs them by the same rule. One program holds
+one token's whole row of E logits (E is padded to a power of two), so E = 256 costs one 256-wide
+vector per program.
 
   1. bins     grid T   shifted bin ``s = ceil(alpha * (L - max L)) clamped to -D, + D``
   2. votes    grid 1+  ``S[e] = sum_t B ** s[t, e]`` in int64 (exact, order-free); clears kept
@@ -10,7 +11,7 @@ them like ``softmax_topk_weights``. One program holds one token's whole row of E
                        index asc); marks the chosen experts in ``kept`` (all write 1: no race)
   4. reroute  grid T   top-k logits among kept experts (ties to the lower index), weights
 
-The depth D and ``B ** (D + 1)`` come from the token count alone (``selector.vote_depth``),
+The depth D and ``B ** (D + 1)`` come from the token count alone (``policies.affinity_binning.vote_depth``),
 so nothing is read back to the host and every shape is static: the launches can be
 captured in a CUDA graph.
 """
@@ -21,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..selector import check_selector_args, vote_depth
+from ..policies import get_policy
+from ..policies.affinity_binning import vote_depth
+from ..selector import check_logits
 
 _MAX_EXPERTS = 8192  # one program holds a whole row
 
@@ -129,7 +132,8 @@ def select_experts_triton(
     logits: torch.Tensor, top_k: int, alpha: float, beta: int | None, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-aware top-k of fp32 router logits ``[T, E]``: ``(weights fp32, ids int64)``, ``[T, k]``."""
-    check_selector_args(logits, top_k, alpha, beta)
+    check_logits(logits, top_k)
+    get_policy("lynx").check({"alpha": alpha, "beta": beta})
     num_tokens, num_experts = logits.shape
     if num_experts > _MAX_EXPERTS:
         raise ValueError(f"select_experts_triton holds a row per program: E <= {_MAX_EXPERTS}, got {num_experts}")

@@ -10,11 +10,12 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from ..options import LynxOptions
+from ..policies import get_policy
 from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
 from . import dispatch_einsum  # noqa: F401  (registers the gpt-fast pattern)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
-from .graph_utils import common_module, module_path, op_kind, shape
+from .graph_utils import common_module, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
 from .routers import RouterMatch, match_router
 
@@ -43,10 +44,12 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         hidden_size = shape(dispatch.hidden)[1]
         settings = resolve_settings(options, block, router.modules.get(block, ""), router.top_k,
                                     router.num_experts, hidden_size if isinstance(hidden_size, int) else None)
+        sequence_dim, step = sequence_rule(router, options)
         replace_dispatch(graph, dispatch)
-        if options.policy == "lynx":
-            replace_router(graph, router, settings, options.decode_only)
-        report.matched.append(_matched_layer(block, router, dispatch, options, settings))
+        if options.policy != "off":
+            knobs = {"alpha": settings.alpha, "beta": settings.beta}
+            replace_router(gm, router, get_policy(options.policy), knobs, options.decode_only, sequence_dim)
+        report.matched.append(_matched_layer(block, router, dispatch, options, settings, step))
 
     for node in graph.nodes:
         if op_kind(node) == "grouped_mm":
@@ -61,8 +64,26 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
     return report
 
 
-def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptions, settings) -> MatchedLayer:
-    on = options.policy == "lynx"
+def sequence_rule(router: RouterMatch, options: LynxOptions) -> tuple[int | None, str]:
+    """Which dimension of the layer input is the sequence (a decode step has length 1 there),
+    and how the report says the step kind is decided. Without a step context lynx can tell a
+    decode step from a prefill only by the layout, so it reads a dimension only where it knows
+    the layout: transformers' MoE blocks take [batch, seq, hidden]; elsewhere the user says so
+    (``sequence_dim``) or only an engine's step context (``lynx_compile.step``) re-routes."""
+    if len(shape(router.layer_input)) != 3:
+        return None, "step context only (the layer input is [tokens, hidden])"
+    if options.sequence_dim is not None:
+        return options.sequence_dim, f"step context, else decode when dim {options.sequence_dim} is 1 (option)"
+    # the block's or the router's class (compiling a block alone, the block is the graph's root)
+    if any(getattr(cls, "__module__", "").startswith("transformers.") for cls in module_classes(router.topk).values()):
+        return 1, "step context, else decode when seq is 1 ([batch, seq, hidden])"
+    return None, ("step context only (layout of the layer input unknown: set options sequence_dim=1 for "
+                  "[batch, seq, hidden] or 0 for [seq, batch, hidden])")
+
+
+def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptions, settings,
+                   step: str) -> MatchedLayer:
+    on = options.policy != "off"
     return MatchedLayer(
         module=block,
         block=router.modules.get(block, ""),
@@ -78,6 +99,7 @@ def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptio
         alpha=settings.alpha if on else None,
         beta=settings.beta if on else None,
         settings=settings.source if on else "-",
+        step=step if on else "-",
     )
 
 

@@ -173,6 +173,12 @@ def module_stack(node: Node) -> dict[str, str]:
     return {_normalize_path(path): getattr(cls, "__name__", str(cls)) for path, cls in stack.values()}
 
 
+def module_classes(node: Node) -> dict[str, object]:
+    """Enclosing modules of ``node``: dotted path -> class (as dynamo recorded it)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return {_normalize_path(path): cls for path, cls in stack.values()}
+
+
 def module_path(node: Node) -> str:
     """Dotted path of the innermost module that produced ``node`` (``model.layers.3.mlp.gate``)."""
     paths = list(module_stack(node))

@@ -41,7 +41,7 @@ class RouterMatch:
     top_k: int
     num_experts: int
     rule: RouterRule
-    layer_input: Node  # [batch, seq, hidden]: the selector needs seq to tell decode from prefill
+    layer_input: Node  # [batch, seq, hidden] (the shape rule reads seq from it), or [tokens, hidden]
     hidden_aliases: set[Node] = field(default_factory=set)  # views of layer_input
     score_bias: Node | None = None  # selection-only bias (DeepSeek-V3)
     module: str = ""
@@ -114,16 +114,19 @@ def topk_outputs(topk: Node, need_values: bool) -> tuple[Node | None, Node] | st
 
 
 def layer_input(router_input: Node) -> tuple[Node, set[Node]] | None:
-    """The [batch, seq, hidden] tensor a router's [tokens, hidden] input is a view of."""
-    node = router_input
+    """The tensor a router's [tokens, hidden] input is a view of: the [batch, seq, hidden] layer
+    input where there is one, else the [tokens, hidden] tensor itself; and its views."""
+    node, flat = router_input, None
     while isinstance(node, Node):
         node_shape = shape(node)
         if node_shape is not None and len(node_shape) == 3:
             return node, _view_family(node)
+        if node_shape is not None and len(node_shape) == 2:
+            flat = node
         if op_kind(node) not in ("view", "cast") or not node.args:
-            return None
+            break
         node = node.args[0]
-    return None
+    return None if flat is None else (flat, _view_family(flat))
 
 
 def _view_family(root: Node) -> set[Node]:
@@ -144,7 +147,7 @@ def logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
         return f"router scores come from {op_kind(linear)}, not a linear layer"
     found = layer_input(arg(linear, 0, "input"))
     if found is None:
-        return "cannot find the [batch, seq, hidden] layer input (needed to tell decode from prefill)"
+        return "the router does not read a [tokens, hidden] view of the layer input"
     return found
 
 

@@ -1,0 +1,229 @@
+"""Router rules shared by every selection policy: scores, group limits, exact orderings, weights.
+
+A ``RouterRule`` says how a router turns logits into (weights, ids): softmax or sigmoid scores,
+renormalised or not, softmax over the chosen k (GPT-OSS), a selection-only score bias and
+group-limited top-k (DeepSeek), a scaling factor. A policy decides only *which experts the batch
+keeps*; every token then takes its best experts inside that set (``finish``) and is weighed by
+the router's own formula (``rule_weights``, ALGORITHM.md step 7).
+
+Everything here is static-shaped torch with no host synchronisation, so it traces into a
+compiled graph (Inductor fuses it; CUDA graphs capture it) and runs eagerly as well.
+
+Exact orderings. Ties decide which experts a token gets, so they must not depend on rounding or
+on a sort's internals: ``order_key`` packs a score's IEEE-754 order and the expert index into
+one int64 (higher score first, then the lower index), so a single ``topk`` over it is a total,
+reproducible order, identical to a stable descending sort of the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("max", "top2_sum")
+_EPS = float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class RouterRule:
+    """How a router turns logits into (weights, ids). The default is Mixtral's."""
+
+    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    renormalize: bool = True  # chosen weights sum to 1
+    softmax_after_topk: bool = False  # GPT-OSS: top-k of the logits, softmax over those k
+    num_groups: int = 1  # group-limited top-k (DeepSeek): experts in num_groups groups...
+    topk_groups: int = 1  # ...of which each token may use the topk_groups best
+    group_score: str = "max"  # a group's score: its best expert (V2) or its best two summed (V3)
+    scaling_factor: float = 1.0  # DeepSeek's routed_scaling_factor
+
+    def __post_init__(self):
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
+        if not isinstance(self.renormalize, bool) or not isinstance(self.softmax_after_topk, bool):
+            raise ValueError(f"renormalize and softmax_after_topk must be bools, got "
+                             f"{self.renormalize!r}, {self.softmax_after_topk!r}")
+        if self.softmax_after_topk and (self.scoring != "softmax" or self.num_groups != 1):
+            raise ValueError("softmax_after_topk applies to ungrouped softmax routers only")
+        for name in ("num_groups", "topk_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(f"need 1 <= topk_groups <= num_groups, got {self.topk_groups}, {self.num_groups}")
+        scale = self.scaling_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"scaling_factor must be a finite number > 0, got {scale!r}")
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_groups > 1
+
+
+def check_rule(rule: RouterRule, num_experts: int, top_k: int, score_bias) -> None:
+    """Errors a rule can only have against a router's size."""
+    if rule.grouped:
+        if num_experts % rule.num_groups:
+            raise ValueError(f"num_groups={rule.num_groups} does not divide {num_experts} experts")
+        per_group = num_experts // rule.num_groups
+        if rule.group_score == "top2_sum" and per_group < 2:
+            raise ValueError(f"group_score='top2_sum' needs at least 2 experts per group, got {per_group} "
+                             f"({num_experts} experts in {rule.num_groups} groups)")
+        if top_k > rule.topk_groups * per_group:
+            raise ValueError(f"top_k={top_k} exceeds the experts of topk_groups={rule.topk_groups} groups")
+    if score_bias is not None:
+        if rule.scoring != "sigmoid":
+            raise ValueError("score_bias (a selection-only bias) is supported for sigmoid routers")
+        if tuple(score_bias.shape) != (num_experts,):
+            raise ValueError(f"score_bias must have shape [{num_experts}], got {tuple(score_bias.shape)}")
+
+
+# --- the router's own scores ------------------------------------------------------------
+
+def group_mask(group_source: torch.Tensor, rule: RouterRule) -> torch.Tensor:
+    """[T, E] bool: the experts in each token's ``topk_groups`` best groups (DeepSeek)."""
+    num_tokens, num_experts = group_source.shape
+    grouped = group_source.view(num_tokens, rule.num_groups, num_experts // rule.num_groups)
+    if rule.group_score == "max":
+        group_scores = grouped.amax(dim=-1)
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    best_groups = torch.topk(group_scores, k=rule.topk_groups, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    return mask.unsqueeze(-1).expand(-1, -1, num_experts // rule.num_groups).reshape(num_tokens, num_experts)
+
+
+def router_scores(logits: torch.Tensor, rule: RouterRule, score_bias: torch.Tensor | None):
+    """What the router ranks experts by, and the same on a logit scale for binning.
+
+    Returns ``(rank, affinity)``, fp32 [T, E], both -inf outside a token's allowed groups; per
+    token both order the experts alike.
+
+    Sigmoid routers with a selection bias rank by ``s = sigmoid(L) + b``. Any per-token constant
+    added to ``s`` leaves that ranking unchanged, and so must leave the bins unchanged. We use
+    the shift that gives the token's best-ranked expert ``e*`` its own unbiased probability:
+    ``affinity = logit(sigmoid(L) + b - b[e*])``. The best expert's affinity is then its router
+    logit, as without a bias, and every other expert sits below it by how far its biased score
+    falls short, on the same logit scale. (``logit(sigmoid(L) + b)`` instead saturates: experts
+    whose biased score reaches 1 all land in bin 0, and a constant bias shift changes the
+    choice.) Scores that fall to 0 or below land in the deepest bin.
+    """
+    if rule.scoring == "softmax":
+        rank = logits
+        if rule.grouped:  # DeepSeek-V2 groups by the best probability (same order as the logits)
+            rank = logits.masked_fill(~group_mask(logits, rule), float("-inf"))
+        return rank, rank
+    scores = torch.sigmoid(logits)
+    if score_bias is None:
+        rank, affinity = scores, logits
+    else:
+        rank = scores + score_bias
+    if rule.grouped:
+        allowed = group_mask(rank, rule)
+        rank = rank.masked_fill(~allowed, float("-inf"))
+    if score_bias is not None:
+        best_bias = score_bias[rank.argmax(dim=-1, keepdim=True)]
+        affinity = torch.logit((scores + (score_bias - best_bias)).clamp(_EPS, 1 - _EPS))
+    if rule.grouped:
+        affinity = affinity.masked_fill(~allowed, float("-inf"))
+    return rank, affinity
+
+
+def healthy_rows(rank: torch.Tensor) -> torch.Tensor:
+    """[T] bool: rows a policy may use. A row holding NaN or +inf, or no finite score (a token
+    whose hidden state went bad), gets plain top-k and never votes, so it cannot spoil others."""
+    return ~(torch.isnan(rank) | (rank == float("inf"))).any(dim=-1) & (rank.amax(dim=-1) > float("-inf"))
+
+
+# --- exact orderings --------------------------------------------------------------------
+
+def index_bits(num_experts: int) -> int:
+    return max(1, (num_experts - 1).bit_length())
+
+
+def order_key(scores: torch.Tensor) -> torch.Tensor:
+    """int64 [T, E]: higher score first, ties to the lower index; a total order.
+
+    The fp32 bits, flipped for negatives, order like the floats (-0.0 is first made +0.0, so
+    the two zeros tie as they do in a float comparison); the expert index fills the low bits.
+    Values lie in ``[-2**(31 + w), 2**(31 + w))`` with ``w = index_bits(E)``.
+    """
+    num_experts = scores.shape[-1]
+    bits = torch.where(scores == 0, 0.0, scores).view(torch.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    reverse_index = num_experts - 1 - torch.arange(num_experts, device=scores.device)
+    return (ordered << index_bits(num_experts)) | reverse_index
+
+
+def topk_by_key(key: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Indices of the ``top_k`` largest of an integer key whose values are all distinct."""
+    return torch.topk(key, top_k, dim=-1).indices
+
+
+# --- the final choice and weights (ALGORITHM.md steps 6-7) -------------------------------
+
+def finish(logits: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, confined: torch.Tensor,
+           healthy: torch.Tensor, top_k: int, rule: RouterRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's best ``top_k`` experts by the router's ranking among those it may use.
+
+    ``kept`` [E]: the batch's set. ``confined`` [T]: rows that must stay inside it (the rest get
+    plain top-k). A healthy row that is not confined gets its plain top-k; an unhealthy one gets
+    what ``torch.topk`` would give it. A confined row with fewer than ``top_k`` usable experts
+    repeats its first expert at weight 0 (its output stays finite and no expert is added).
+    Returns ``(weights fp32, ids int64)``, both ``[T, top_k]``.
+    """
+    allowed = rank > float("-inf")
+    usable = torch.where(healthy[:, None], allowed & (kept[None, :] | ~confined[:, None]), True)
+    key = order_key(rank)
+    key = torch.where(usable, key, key - (1 << (33 + index_bits(rank.shape[-1]))))
+    ids = topk_by_key(key, top_k)
+    valid = torch.arange(top_k, device=ids.device) < usable.sum(dim=-1, keepdim=True)
+    ids = torch.where(valid, ids, ids[:, :1])
+    return rule_weights(logits, rank, ids, valid, top_k, rule), ids
+
+
+def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+                 top_k: int, rule: RouterRule) -> torch.Tensor:
+    """The router's own weights for the chosen ``ids`` (slots not ``valid`` weigh 0).
+
+    softmax, renormalised: the chosen probabilities sum to 1 (Mixtral, Qwen3-MoE).
+    softmax, not renormalised: they carry the probability mass the token's plain top-k had
+      (Qwen2-MoE, OLMoE, DeepSeek-V2); with the plain choice this is the plain weight.
+    softmax after top-k: softmax over the chosen logits (GPT-OSS).
+    sigmoid: the chosen (unbiased) scores, renormalised or not (DeepSeek-V3, Llama-4).
+    """
+    if rule.softmax_after_topk:
+        weights = torch.softmax(logits.gather(-1, ids).masked_fill(~valid, float("-inf")), dim=-1)
+    else:
+        scores = torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits)
+        weights = scores.gather(-1, ids) * valid
+        if rule.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        elif rule.scoring == "softmax":
+            plain = scores.gather(-1, topk_by_key(order_key(rank), top_k))
+            weights = weights * (plain.sum(dim=-1, keepdim=True) / weights.sum(dim=-1, keepdim=True))
+    return weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights
+
+
+def route_plain(logits: torch.Tensor, top_k: int, rule: RouterRule, score_bias: torch.Tensor | None = None):
+    """Plain top-k routing under ``rule`` with the routers' own op sequence (a reference)."""
+    if rule.softmax_after_topk:
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(values, dim=-1), ids
+    if rule.scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+        choice = scores.masked_fill(~group_mask(scores, rule), 0.0) if rule.grouped else scores
+        weights, ids = torch.topk(choice, top_k, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        choice = scores if score_bias is None else scores + score_bias
+        if rule.grouped:
+            choice = choice.masked_fill(~group_mask(choice, rule), float("-inf"))
+        ids = torch.topk(choice, top_k, dim=-1).indices
+        weights = scores.gather(-1, ids)
+    if rule.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return (weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights), ids
