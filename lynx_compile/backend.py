@@ -13,20 +13,23 @@ import torch
 from torch.fx import GraphModule
 
 from . import dump, ops
-from .options import LynxOptions
+from .options import MODES, LynxOptions
 from .passes import rewrite_moe_layers
 from .report import LynxReport, UnmatchedCandidate, set_last_report
 
 log = logging.getLogger("lynx_compile")
 _graph_ids = itertools.count()
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def lynx_backend(gm: GraphModule, example_inputs, *, mode: str | None = None, options=None):
-    """torch.compile backend. ``options``: see ``LynxOptions``; ``mode``: Inductor's modes."""
+    """torch.compile backend. ``options``: see ``LynxOptions``; ``mode``: Inductor's modes (also
+    ``options={"mode": ...}``, since torch.compile takes only one of ``mode=`` and ``options=``)."""
     opts = LynxOptions.from_user(options)
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} for the lynx backend; valid: {', '.join(MODES)}")
+    if mode is not None and opts.mode is not None and mode != opts.mode:
+        raise ValueError(f"mode={mode!r} and options['mode']={opts.mode!r} disagree")
+    mode = mode or opts.mode
     name = f"graph_{next(_graph_ids):03d}"
     dump.emit("before", name, gm)
     before = dump.readable(gm) if opts.dump_dir else ""

@@ -8,8 +8,8 @@ Recording happens in the ops' Python implementations. The experts op is opaque i
 compiled graph, so its calls are always recorded; the selector is fused into Inductor's code by
 default, so routing calls are recorded where the op runs as Python: eagerly, under
 ``compiler="eager"``, or with ``options={"observe": True}``. CUDA-graph replays run no Python and
-record nothing. Captures are per thread: a capture sees the calls its own thread makes. When no
-capture is active recording costs one list check.
+record nothing. Captures are per thread (a capture sees the calls its own thread makes) unless
+opened with ``all_threads=True``. When no capture is active recording costs two list checks.
 """
 
 from __future__ import annotations
@@ -75,21 +75,32 @@ class _ThreadCaptures(threading.local):
 
 
 _captures = _ThreadCaptures()
+_all_threads: list[RoutingCapture] = []
+_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def capture_routing() -> Iterator[RoutingCapture]:
-    """Record every lynx routing and experts call this thread makes inside the block."""
+def capture_routing(all_threads: bool = False) -> Iterator[RoutingCapture]:
+    """Record every lynx routing and experts call this thread makes inside the block; with
+    ``all_threads``, the calls of every thread (an engine that runs the model in a worker
+    thread, such as transformers' continuous batching)."""
     cap = RoutingCapture()
-    _captures.active.append(cap)
+    registry = _all_threads if all_threads else _captures.active
+    with _lock:
+        registry.append(cap)
     try:
         yield cap
     finally:
-        _captures.active.remove(cap)
+        with _lock:
+            registry.remove(cap)
+
+
+def _listeners() -> list[RoutingCapture]:
+    return _captures.active + _all_threads if _all_threads else _captures.active
 
 
 def record_routing(logits, seq_len, ids, weights, voters, live, rule, policy, knobs, score_bias) -> None:
-    active = _captures.active
+    active = _listeners()
     if active:
         def copy(t):
             return None if t is None else t.detach().clone()
@@ -97,12 +108,14 @@ def record_routing(logits, seq_len, ids, weights, voters, live, rule, policy, kn
         event = RoutingEvent(copy(logits.float()), int(seq_len), ids.clone(), weights.clone(), voters.clone(),
                              copy(live), rule, policy, dict(knobs), copy(score_bias))
         for cap in active:
-            cap.routing.append(event)
+            with _lock:
+                cap.routing.append(event)
 
 
 def record_dispatch(topk_ids: torch.Tensor) -> None:
-    active = _captures.active
+    active = _listeners()
     if active:
         event = DispatchEvent(topk_ids.clone(), int(topk_ids.unique().numel()))
         for cap in active:
-            cap.dispatch.append(event)
+            with _lock:
+                cap.dispatch.append(event)

@@ -13,6 +13,7 @@ from .policies import POLICIES as _SELECTION_POLICIES
 
 POLICIES = (*_SELECTION_POLICIES, "off")
 COMPILERS = ("inductor", "eager")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NO_CLAMP = "none"  # beta value meaning "no clamp"; beta=None means "the model's default"
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 
@@ -30,6 +31,8 @@ _DOCS = {
     "(debugging, graph tests)",
     "sequence_dim": "None, 0 or 1: which dimension of a [a, b, hidden] MoE layer input is the sequence, "
     "for the shape rule (decode when it is 1) in modules outside transformers (whose layout lynx knows)",
+    "mode": "None or one of Inductor's modes ('default', 'reduce-overhead', 'max-autotune', "
+    "'max-autotune-no-cudagraphs'); torch.compile refuses mode= beside options=, so give it here",
     "observe": "True keeps the selector an opaque op, so capture_routing() records every routing call "
     "under Inductor too (slower); False lets Inductor fuse it",
 }
@@ -61,6 +64,7 @@ class LynxOptions:
     dump_dir: str | None = None
     compiler: str = "inductor"
     sequence_dim: int | None = None
+    mode: str | None = None
     observe: bool = False
 
     def __post_init__(self):
@@ -83,6 +87,8 @@ class LynxOptions:
             raise bad("compiler", self.compiler)
         if self.sequence_dim is not None and (isinstance(self.sequence_dim, bool) or self.sequence_dim not in (0, 1)):
             raise bad("sequence_dim", self.sequence_dim)
+        if self.mode is not None and self.mode not in MODES:
+            raise bad("mode", self.mode)
         if not isinstance(self.observe, bool):
             raise bad("observe", self.observe)
         if self.dump_dir is not None:

@@ -1,0 +1,1 @@
+"""Integrations with engines that run the models: transformers' serving paths (``transformers``)."""
