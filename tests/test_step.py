@@ -221,3 +221,47 @@ def test_a_constant_bias_shift_leaves_the_choice_unchanged():
     assert all(torch.equal(c, choices[0]) for c in choices[1:])
     plain = (torch.sigmoid(logits) + bias).topk(4).indices
     assert (choices[0][:, :1] == plain[:, :1]).float().mean() >= 0.9  # confident tokens keep their top-1
+
+
+# --- the decomposition Inductor traces ---------------------------------------------------
+
+RULES = [
+    dict(scoring="softmax", renormalize=True),
+    dict(scoring="softmax", renormalize=False),
+    dict(scoring="softmax", renormalize=True, softmax_after_topk=True),
+    dict(scoring="softmax", renormalize=False, num_groups=4, topk_groups=2, group_score="max", scaling_factor=2.0),
+    dict(scoring="sigmoid", renormalize=True, biased=True),
+    dict(scoring="sigmoid", renormalize=True, num_groups=4, topk_groups=2, group_score="top2_sum", biased=True),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
+@pytest.mark.parametrize("beta", [2, None])
+def test_decomposition_traces_functionally_and_matches_the_op(rule, beta):
+    # Inductor needs an entirely functional graph (AOTAutograd asserts it); aot_eager with the
+    # backend's decomposition table checks that cheaply, and runs the traced graph.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    from lynx_compile.ops import select_experts_decomposition
+
+    rule = dict(rule)
+    biased = rule.pop("biased", False)
+    full = {**dict(softmax_after_topk=False, num_groups=1, topk_groups=1, group_score="max", scaling_factor=1.0), **rule}
+    state, mask = step_buffers("cpu")
+    x = skewed(12, num_experts=16, seed=5)
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 0.1 if biased else None
+
+    def select(logits, bias):
+        return select_op(logits, bias, state, mask, 4, 1, "lynx", [3.0, float(beta or 0)], True, full["scoring"],
+                         full["renormalize"], full["softmax_after_topk"], full["num_groups"], full["topk_groups"],
+                         full["group_score"], full["scaling_factor"])
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           decompositions={**select_decomp_table(), select_op: select_experts_decomposition})
+    traced = torch.compile(select, backend=backend, fullgraph=True)
+    with lynx_compile.step(decode=True, num_live=9):
+        got, want = traced(x, bias), select(x, bias)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0])

@@ -92,7 +92,7 @@ def group_mask(group_source: torch.Tensor, rule: RouterRule) -> torch.Tensor:
     else:
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
     best_groups = torch.topk(group_scores, k=rule.topk_groups, dim=-1, sorted=False).indices
-    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, best_groups, True)  # functional: traced
     return mask.unsqueeze(-1).expand(-1, -1, num_experts // rule.num_groups).reshape(num_tokens, num_experts)
 
 
