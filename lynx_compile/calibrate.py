@@ -155,9 +155,10 @@ class Calibration:
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why not calibrated
 
     @property
-    def layer_settings(self) -> dict[str, tuple[float, int | None]]:
-        """``{block path: (alpha, beta)}`` for ``options={"layer_settings": ...}``."""
-        return {layer.module: (layer.chosen.alpha, layer.chosen.beta) for layer in self.layers}
+    def layer_settings(self) -> dict[str, tuple[float, int | str]]:
+        """``{block path: (alpha, beta)}`` for ``options={"layer_settings": ...}`` (beta "none": no clamp)."""
+        return {layer.module: (layer.chosen.alpha, "none" if layer.chosen.beta is None else layer.chosen.beta)
+                for layer in self.layers}
 
     @property
     def infeasible(self) -> list[str]:

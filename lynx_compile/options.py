@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .policies import _FP32_MAX
 from .policies import POLICIES as _SELECTION_POLICIES
 
 POLICIES = (*_SELECTION_POLICIES, "off")
@@ -18,14 +18,18 @@ NO_CLAMP = "none"  # beta value meaning "no clamp"; beta=None means "the model's
 DUMP_DIR_ENV = "LYNX_DUMP_DIR"
 
 _DOCS = {
-    "policy": f"one of {POLICIES}: 'lynx' runs the batch-aware selector in decode steps, "
-    "'off' keeps plain top-k routing (lynx's experts op and Inductor only)",
-    "alpha": "a finite number > 0 (bins are 1/alpha logits wide), or None for the model's default",
-    "beta": f"an int >= 1 (deepest bin), {NO_CLAMP!r} for no clamp, or None for the model's default",
+    "policy": f"one of {POLICIES}: 'lynx' runs the batch-aware selector (AffinityBinning) in decode steps, "
+    "'oea' and 'xshare' the peers' rules, 'off' keeps plain top-k routing (lynx's experts op and Inductor only)",
+    "alpha": "policy lynx: a number > 0, finite in fp32 (bins are 1/alpha logits wide), or None for the model's default",
+    "beta": f"policy lynx: an int in [1, 64] (deepest bin), {NO_CLAMP!r} for no clamp, or None for the model's default",
+    "k0": "policy oea (required): an int >= 1, at most the router's k: the experts every token keeps",
+    "budget": "policy xshare (required): an int >= 1, between the router's k and E: the experts a batch may use",
     "decode_only": "True: re-route only in decode steps (one new token per sequence, >= 2 "
     "tokens); False: also in prefill",
-    "layer_settings": "None, or a dict mapping MoE block paths (e.g. 'model.layers.3.mlp') to "
-    "(alpha, beta) pairs, such as lynx_compile.calibrate() returns; they override alpha/beta",
+    "layer_settings": "None, or a dict mapping MoE block paths (e.g. 'model.layers.3.mlp') to the policy's "
+    "settings for that layer: a dict of its knobs ({'alpha': 3, 'beta': 2}, {'k0': 2}, {'budget': 24}), or for "
+    "lynx an (alpha, beta) pair, as lynx_compile.calibrate() returns; beta: None is the model default, "
+    f"{NO_CLAMP!r} no clamp",
     "dump_dir": f"a directory for graph dumps, or None (environment: {DUMP_DIR_ENV})",
     "compiler": f"one of {COMPILERS}: what runs the rewritten graph; 'eager' skips Inductor "
     "(debugging, graph tests)",
@@ -39,19 +43,32 @@ _DOCS = {
 
 
 def _valid_alpha(alpha) -> bool:
-    return not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and 0 < alpha < math.inf
+    # finite in fp32, where the selector computes (1e39 would be inf there, and 0 * inf = NaN)
+    return not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and 0 < alpha <= _FP32_MAX
 
 
 def _valid_beta(beta) -> bool:
-    return beta == NO_CLAMP or (not isinstance(beta, bool) and isinstance(beta, int) and beta >= 1)
+    return beta == NO_CLAMP or (not isinstance(beta, bool) and isinstance(beta, int) and 1 <= beta <= 64)
 
 
-def _valid_layer_settings(settings) -> bool:
-    return isinstance(settings, Mapping) and all(
-        isinstance(path, str) and isinstance(pair, (tuple, list)) and len(pair) == 2
-        and _valid_alpha(pair[0]) and (pair[1] is None or _valid_beta(pair[1]))
-        for path, pair in settings.items()
-    )
+def _valid_count(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+_KNOB_CHECKS = {"alpha": _valid_alpha, "beta": lambda b: b is None or _valid_beta(b), "k0": _valid_count,
+                "budget": _valid_count}
+POLICY_KNOBS = {"lynx": ("alpha", "beta"), "oea": ("k0",), "xshare": ("budget",), "off": ()}
+
+
+def layer_knobs(policy: str, value) -> dict | None:
+    """A layer_settings entry as a dict of the policy's knobs, or None if it is malformed."""
+    if policy == "lynx" and isinstance(value, (tuple, list)) and len(value) == 2:
+        value = {"alpha": value[0], "beta": value[1]}
+    if not isinstance(value, Mapping) or not set(value) <= set(POLICY_KNOBS[policy]):
+        return None
+    if not all(_KNOB_CHECKS[name](knob) for name, knob in value.items()):
+        return None
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class LynxOptions:
     policy: str = "lynx"
     alpha: float | None = None
     beta: int | str | None = None
+    k0: int | None = None
+    budget: int | None = None
     decode_only: bool = True
     layer_settings: Mapping[str, tuple] | None = None
     dump_dir: str | None = None
@@ -77,10 +96,27 @@ class LynxOptions:
             raise bad("alpha", self.alpha)
         if self.beta is not None and not _valid_beta(self.beta):
             raise bad("beta", self.beta)
+        for name in ("k0", "budget"):
+            value = getattr(self, name)
+            if value is not None and not _valid_count(value):
+                raise bad(name, value)
+        given = [name for name in ("alpha", "beta", "k0", "budget") if getattr(self, name) is not None]
+        foreign = [name for name in given if name not in POLICY_KNOBS[self.policy]]
+        if foreign and self.policy != "off":  # "off" ignores knobs, so a policy can be toggled alone
+            raise ValueError(f"lynx option(s) {', '.join(foreign)} do not apply to policy {self.policy!r} "
+                             f"(its knobs: {', '.join(POLICY_KNOBS[self.policy]) or 'none'})")
+        required = {"oea": "k0", "xshare": "budget"}.get(self.policy)
+        if required and getattr(self, required) is None and not self.layer_settings:
+            raise ValueError(f"policy {self.policy!r} needs the option {required}: {_DOCS[required]}")
         if not isinstance(self.decode_only, bool):
             raise bad("decode_only", self.decode_only)
-        if self.layer_settings is not None and not _valid_layer_settings(self.layer_settings):
-            raise bad("layer_settings", self.layer_settings)
+        if self.layer_settings is not None:
+            if not isinstance(self.layer_settings, Mapping) or not all(isinstance(p, str) for p in self.layer_settings):
+                raise bad("layer_settings", self.layer_settings)
+            for path, value in self.layer_settings.items():
+                if self.policy != "off" and layer_knobs(self.policy, value) is None:
+                    raise ValueError(f"invalid lynx option layer_settings[{path!r}]={value!r} for policy "
+                                     f"{self.policy!r}: expected {_DOCS['layer_settings']}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise bad("dump_dir", self.dump_dir)
         if self.compiler not in COMPILERS:

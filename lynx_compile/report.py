@@ -26,6 +26,7 @@ class MatchedLayer:
     beta: int | None
     settings: str  # where alpha/beta came from
     step: str = "-"  # how the step kind (decode or not) is decided
+    knobs: str = "-"  # the policy's settings in words, e.g. "alpha=3, beta=2" or "k0=2"
 
 
 @dataclass
@@ -51,7 +52,7 @@ class LynxReport:
         lines = [f"# lynx report: {self.graph}", "", f"## Rewritten MoE layers ({len(self.matched)})", ""]
         if self.matched:
             cols = ["module", "block", "num_experts", "top_k", "router", "rule", "dispatch",
-                    "layout", "activation", "policy", "alpha", "beta", "settings", "step"]
+                    "layout", "activation", "policy", "knobs", "settings", "step"]
             lines += _table(cols, [[getattr(m, c) for c in cols] for m in self.matched])
         lines += ["", f"## Left unchanged ({len(self.unmatched)})", ""]
         if self.unmatched:

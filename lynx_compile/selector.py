@@ -45,13 +45,14 @@ def route(logits: torch.Tensor, score_bias: torch.Tensor | None, top_k: int, rul
         return (*finish(logits, rank, kept, voters, healthy, top_k, rule), voters)
     confined = healthy & rerouting
     voters = confined if live is None else confined & live
-    kept = get_policy(policy).kept(logits, rank, affinity, voters, top_k, **knobs)
+    kept = get_policy(policy).kept(logits, rank, affinity, voters, top_k, rule, **knobs)
     return (*finish(logits, rank, kept, confined, healthy, top_k, rule), voters)
 
 
 def reference_route(logits: torch.Tensor, top_k: int, rule: RouterRule, policy: str, knobs: dict,
                     score_bias: torch.Tensor | None = None):
-    """The oracle: every row of ``logits`` votes; two stable sorts instead of packed keys."""
+    """The oracle for policy lynx: every row of ``logits`` votes; two stable sorts instead of
+    packed keys (the other policies' oracles are in the tests)."""
     if policy != "lynx":
         raise ValueError(f"no reference for policy {policy!r} here")
     logits = logits.float()
@@ -96,6 +97,8 @@ def select_experts(
     policy: str = "lynx",
     alpha=_UNSET,
     beta=_UNSET,
+    k0=_UNSET,
+    budget=_UNSET,
     renormalize: bool = True,
     scoring: str = "softmax",
     softmax_after_topk: bool = False,
@@ -112,9 +115,11 @@ def select_experts(
     Args:
         router_logits: ``[T, E]`` router logits (any float dtype; computed in fp32).
         top_k: experts per token.
-        policy: the selection rule (``"lynx"``: AffinityBinning); its knobs as keywords:
-            lynx: ``alpha`` (bins are ``1 / alpha`` logits wide), ``beta`` (deepest bin; None or
-            left out: no clamp).
+        policy: the selection rule; its knobs as keywords (``policies``):
+            ``"lynx"`` (AffinityBinning): ``alpha`` (bins are ``1 / alpha`` logits wide), ``beta``
+            (deepest bin; None or left out: no clamp);
+            ``"oea"``: ``k0`` (every token keeps its top k0; the rest only from their union);
+            ``"xshare"``: ``budget`` (the batch uses at most that many experts beyond its top-1s).
         renormalize, scoring, softmax_after_topk, score_bias, num_groups, topk_groups, group_score,
         scaling_factor: the router's rule (``RouterRule``); the defaults are a softmax router.
             GPT-OSS: ``softmax_after_topk=True``. DeepSeek-V3: ``scoring="sigmoid",
@@ -135,8 +140,10 @@ def select_experts(
     check_logits(router_logits, top_k)
     check_step_args(router_logits, live, decode)
     chosen = get_policy(policy)
-    given = {name: value for name, value in (("alpha", alpha), ("beta", beta)) if value is not _UNSET}
+    given = {name: value for name, value in (("alpha", alpha), ("beta", beta), ("k0", k0), ("budget", budget))
+             if value is not _UNSET}
     knobs = chosen.check(given)
+    chosen.check_against(knobs, top_k, router_logits.shape[1])
     rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score,
                       scaling_factor)
     check_rule(rule, router_logits.shape[1], top_k, score_bias)

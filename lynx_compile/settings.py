@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .options import NO_CLAMP, POLICY_KNOBS, layer_knobs
+from .policies import get_policy
+
 
 @dataclass(frozen=True)
 class SelectorSettings:
-    alpha: float
-    beta: int | None  # None: no clamp
+    knobs: dict  # the policy's knobs, e.g. {"alpha": 3.0, "beta": 2} (beta None: no clamp)
     source: str  # where the numbers came from, for the report
+
+    @property
+    def alpha(self) -> float | None:
+        return self.knobs.get("alpha")
+
+    @property
+    def beta(self) -> int | None:
+        return self.knobs.get("beta")
 
 
 @dataclass(frozen=True)
@@ -61,28 +71,49 @@ def derived_settings(top_k: int, num_experts: int) -> SelectorSettings:
     """
     source = f"derived from k={top_k}, E={num_experts}"
     if top_k == 1:
-        return SelectorSettings(1.0, None, source)
+        return _lynx(1.0, None, source)
     if top_k / num_experts >= 0.2:
-        return SelectorSettings(1.0, 1, source)
-    return SelectorSettings(3.0, 2, source)
+        return _lynx(1.0, 1, source)
+    return _lynx(3.0, 2, source)
+
+
+def _lynx(alpha: float, beta: int | None, source: str) -> SelectorSettings:
+    return SelectorSettings({"alpha": alpha, "beta": beta}, source)
 
 
 def default_settings(block: str, top_k: int, num_experts: int, hidden_size: int | None) -> SelectorSettings:
     entry = released_setting(block, top_k, num_experts, hidden_size)
     if entry is not None:
-        return SelectorSettings(entry.alpha, entry.beta, f"released for {entry.model}")
+        return _lynx(entry.alpha, entry.beta, f"released for {entry.model}")
     return derived_settings(top_k, num_experts)
 
 
 def resolve_settings(options, module: str, block: str, top_k: int, num_experts: int,
                      hidden_size: int | None) -> SelectorSettings:
-    """Per-layer settings win, then alpha/beta options; what they leave as None is the default."""
-    if options.layer_settings and module in options.layer_settings:
-        alpha, beta = options.layer_settings[module]
-        return SelectorSettings(float(alpha), None if beta in (None, "none") else beta, "layer_settings")
-    default = default_settings(block, top_k, num_experts, hidden_size)
-    if options.alpha is None and options.beta is None:
-        return default
-    beta = default.beta if options.beta is None else (None if options.beta == "none" else options.beta)
-    alpha = default.alpha if options.alpha is None else float(options.alpha)
-    return SelectorSettings(alpha, beta, "options")
+    """The policy's knobs for one layer: per-layer settings win, then the options; for lynx what
+    they leave as None is the model's default. Knobs that do not fit the layer's router (OEA's
+    k0 above its k, say) raise ``ValueError`` naming the layer."""
+    per_layer = (options.layer_settings or {}).get(module)
+    given = layer_knobs(options.policy, per_layer) if per_layer is not None else None
+    source = "layer_settings" if given is not None else "options"
+    if given is None:
+        given = {knob: getattr(options, knob) for knob in POLICY_KNOBS[options.policy]}
+    if options.policy == "lynx":
+        default = default_settings(block, top_k, num_experts, hidden_size)
+        if all(value is None for value in given.values()):
+            return default
+        alpha = default.alpha if given.get("alpha") is None else float(given["alpha"])
+        beta = given.get("beta")
+        beta = default.beta if beta is None else None if beta == NO_CLAMP else beta
+        settings = _lynx(alpha, beta, source)
+    else:
+        missing = [knob for knob, value in given.items() if value is None]
+        if missing:
+            raise ValueError(f"policy {options.policy!r} needs {', '.join(missing)} for {module or 'the MoE layer'} "
+                             "(set the option, or give this layer its layer_settings)")
+        settings = SelectorSettings(dict(given), source)
+    try:
+        get_policy(options.policy).check_against(settings.knobs, top_k, num_experts)
+    except ValueError as error:
+        raise ValueError(f"{module or 'MoE layer'}: {error}") from None
+    return settings

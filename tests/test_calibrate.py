@@ -50,7 +50,8 @@ def test_skewed_logits_give_feasible_settings_within_the_bound(skewed):
     mass, top1 = independent_metrics(steps, 4, layer.chosen.alpha, layer.chosen.beta)
     assert mass == pytest.approx(layer.chosen.mass_kept, abs=1e-5)
     assert top1 == pytest.approx(layer.chosen.top1_kept)
-    assert cal.layer_settings == {LAYER: (layer.chosen.alpha, layer.chosen.beta)}
+    beta = "none" if layer.chosen.beta is None else layer.chosen.beta  # "none": no clamp; None: the default
+    assert cal.layer_settings == {LAYER: (layer.chosen.alpha, beta)}
     assert "| model.layers.0.mlp | 4/32 |" in str(cal)
     rows = cal.grid_rows()
     assert len(rows) == 40 and sum(r["chosen"] for r in rows) == 1

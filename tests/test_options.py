@@ -13,10 +13,18 @@ from lynx_compile import LynxOptions
     "options,match",
     [
         ({"polcy": "off"}, r"unknown lynx option 'polcy'; valid options: policy, alpha, beta"),
-        ({"policy": "fast"}, r"policy='fast'.*'lynx', 'off'"),
-        ({"alpha": 0}, r"alpha=0: expected a finite number > 0"),
+        ({"policy": "fast"}, r"policy='fast'.*'lynx', 'oea', 'xshare', 'off'"),
+        ({"alpha": float("inf")}, r"alpha=inf: expected policy lynx: a number > 0, finite in fp32"),
+        ({"alpha": 1e39}, r"alpha=1e\+39"),
+        ({"policy": "oea"}, r"policy 'oea' needs the option k0"),
+        ({"policy": "oea", "k0": 0}, r"k0=0"),
+        ({"policy": "xshare", "budget": 8, "alpha": 2}, r"alpha do not apply to policy 'xshare'"),
+        ({"k0": 2}, r"k0 do not apply to policy 'lynx'"),
+        ({"layer_settings": {"a": (1.0, 2, 3)}}, r"layer_settings\['a'\]"),
+        ({"policy": "oea", "k0": 2, "layer_settings": {"a": (1.0, 2)}}, r"layer_settings\['a'\].*policy 'oea'"),
+        ({"alpha": 0}, r"alpha=0: expected policy lynx: a number > 0, finite in fp32"),
         ({"alpha": "3"}, r"alpha='3'"),
-        ({"beta": 0}, r"beta=0: expected an int >= 1"),
+        ({"beta": 0}, r"beta=0: expected policy lynx: an int in \[1, 64\]"),
         ({"beta": 2.5}, r"beta=2.5"),
         ({"decode_only": "yes"}, r"decode_only='yes'"),
         ({"compiler": "tvm"}, r"compiler='tvm'.*'inductor', 'eager'"),
@@ -66,5 +74,16 @@ def test_settings_precedence():
     assert (top1.alpha, top1.beta) == (1.0, None)
     assert (resolve({"alpha": 2}).alpha, resolve({"alpha": 2}).beta) == (2.0, 2)  # beta from the default
     assert resolve({"beta": "none"}).beta is None
-    per_layer = resolve({"alpha": 2, "layer_settings": {"model.layers.0.mlp": (4, None)}})
+    per_layer = resolve({"alpha": 2, "layer_settings": {"model.layers.0.mlp": (4, "none")}})
     assert (per_layer.alpha, per_layer.beta, per_layer.source) == (4.0, None, "layer_settings")
+    # one spelling per meaning, at the top level and per layer: None is the default, "none" no clamp
+    assert resolve({"layer_settings": {"model.layers.0.mlp": (4, None)}}).beta == 2
+    assert resolve({"layer_settings": {"model.layers.0.mlp": {"alpha": 4}}}).knobs == {"alpha": 4.0, "beta": 2}
+    oea = resolve({"policy": "oea", "k0": 3})
+    assert (oea.knobs, oea.source) == ({"k0": 3}, "options")
+    layer = resolve({"policy": "xshare", "budget": 20, "layer_settings": {"model.layers.0.mlp": {"budget": 30}}})
+    assert (layer.knobs, layer.source) == ({"budget": 30}, "layer_settings")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp: invalid k0=9 .* 1 <= k0 <= 8"):
+        resolve({"policy": "oea", "k0": 9})
+    with pytest.raises(ValueError, match=r"needs budget for model.layers.0.mlp"):
+        resolve({"policy": "xshare", "layer_settings": {"model.layers.1.mlp": {"budget": 30}}})

@@ -47,8 +47,7 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         sequence_dim, step = sequence_rule(router, options)
         replace_dispatch(graph, dispatch)
         if options.policy != "off":
-            knobs = {"alpha": settings.alpha, "beta": settings.beta}
-            replace_router(gm, router, get_policy(options.policy), knobs, options.decode_only, sequence_dim)
+            replace_router(gm, router, get_policy(options.policy), settings.knobs, options.decode_only, sequence_dim)
         report.matched.append(_matched_layer(block, router, dispatch, options, settings, step))
 
     for node in graph.nodes:
@@ -100,6 +99,7 @@ def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptio
         beta=settings.beta if on else None,
         settings=settings.source if on else "-",
         step=step if on else "-",
+        knobs=get_policy(options.policy).describe(settings.knobs) if on else "-",
     )
 
 

@@ -12,19 +12,27 @@ validated, and how they travel through the graph op (a list of floats).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import affinity_binning
+import torch
+
+from . import affinity_binning, oea, xshare
+
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _positive_finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+    # finite in fp32, where the selector computes (1e39 would be inf there, and 0 * inf = NaN)
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= _FP32_MAX
 
 
 def _clamp_depth(value) -> bool:
     return value is None or (not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= 64)
+
+
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -33,13 +41,29 @@ class Knob:
     valid: Callable[[object], bool]
     expected: str  # what a valid value is, for error messages
     required: bool = True
+    integer: bool = False
+    # the largest valid value given the router's (top_k, num_experts), if it depends on them
+    upper: Callable[[int, int], int] | None = None
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
     knobs: tuple[Knob, ...]
-    kept: Callable  # (logits, rank, affinity, voters, top_k, **knobs) -> [E] bool
+    kept: Callable  # (logits, rank, affinity, voters, top_k, rule, **knobs) -> [E] bool
+    lower: Callable[[int], dict] = lambda top_k: {}  # knob -> smallest valid value given top_k
+
+    def check_against(self, knobs: Mapping[str, object], top_k: int, num_experts: int) -> None:
+        """Knob errors that depend on the router's size (e.g. OEA's k0 <= k)."""
+        for knob in self.knobs:
+            value = knobs.get(knob.name)
+            if value is None or knob.upper is None:
+                continue
+            low = self.lower(top_k).get(knob.name, 1)
+            high = knob.upper(top_k, num_experts)
+            if not low <= value <= high:
+                raise ValueError(f"invalid {knob.name}={value!r} for policy {self.name!r} on a router with k={top_k}, "
+                                 f"E={num_experts}: expected {low} <= {knob.name} <= {high}")
 
     def check(self, values: Mapping[str, object]) -> dict:
         """The knobs as given, validated: unknown, missing or bad ones raise ``ValueError``."""
@@ -61,28 +85,46 @@ class Policy:
         return out
 
     def encode(self, values: Mapping[str, object]) -> list[float]:
-        """Knobs as the op's float list (None, e.g. "no clamp", travels as 0)."""
-        return [0.0 if values[k.name] is None else float(values[k.name]) for k in self.knobs]
+        """Knobs as the op's float list (None, e.g. "no clamp", travels as 0: never a valid value)."""
+        return [0.0 if values.get(k.name) is None else float(values[k.name]) for k in self.knobs]
 
     def decode(self, args) -> dict:
-        out = {}
-        for knob, value in zip(self.knobs, args):
-            if knob.name == "beta":
-                out[knob.name] = None if value == 0 else int(value)
-            else:
-                out[knob.name] = value
-        return out
+        return {knob.name: None if value == 0 else int(value) if knob.integer else value
+                for knob, value in zip(self.knobs, args)}
+
+    def describe(self, values: Mapping[str, object]) -> str:
+        """``alpha=3, beta=2`` (for reports)."""
+        return ", ".join(f"{k.name}={'none' if values.get(k.name) is None else format(values[k.name], 'g')}"
+                         for k in self.knobs)
 
 
-def _lynx_kept(logits, rank, affinity, voters, top_k, *, alpha, beta):
+def _lynx_kept(logits, rank, affinity, voters, top_k, rule, *, alpha, beta):
     return affinity_binning.kept_experts(rank, affinity, voters, top_k, alpha, beta)
+
+
+def _oea_kept(logits, rank, affinity, voters, top_k, rule, *, k0):
+    return oea.kept_experts(rank, voters, k0)
+
+
+def _xshare_kept(logits, rank, affinity, voters, top_k, rule, *, budget):
+    gates = torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits)
+    return xshare.kept_experts(rank, torch.where(rank > float("-inf"), gates, 0.0), voters, budget)
 
 
 POLICIES: dict[str, Policy] = {
     "lynx": Policy("lynx", (
-        Knob("alpha", _positive_finite, "a finite number > 0 (bins are 1/alpha logits wide)"),
-        Knob("beta", _clamp_depth, "an int in [1, 64] (deepest bin) or None for no clamp", required=False),
+        Knob("alpha", _positive_finite, "a number > 0, finite in fp32 (bins are 1/alpha logits wide)"),
+        Knob("beta", _clamp_depth, "an int in [1, 64] (deepest bin) or None for no clamp", required=False,
+             integer=True),
     ), _lynx_kept),
+    "oea": Policy("oea", (
+        Knob("k0", _positive_int, "an int in [1, k]: the experts every token keeps", integer=True,
+             upper=lambda top_k, num_experts: top_k),
+    ), _oea_kept),
+    "xshare": Policy("xshare", (
+        Knob("budget", _positive_int, "an int in [k, E]: the experts the batch may use", integer=True,
+             upper=lambda top_k, num_experts: num_experts),
+    ), _xshare_kept, lower=lambda top_k: {"budget": top_k}),
 }
 
 
