@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 from . import dump, ops
 from .options import MODES, LynxOptions
 from .passes import rewrite_moe_layers
-from .report import LynxReport, UnmatchedCandidate, set_last_report
+from .report import set_last_report
 
 log = logging.getLogger("lynx_compile")
 _graph_ids = itertools.count()
@@ -33,12 +33,7 @@ def lynx_backend(gm: GraphModule, example_inputs, *, mode: str | None = None, op
     name = f"graph_{next(_graph_ids):03d}"
     dump.emit("before", name, gm)
     before = dump.readable(gm) if opts.dump_dir else ""
-    if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
-        report = LynxReport(graph=name, unmatched=[UnmatchedCandidate(
-            "", "", "gradients are enabled: lynx rewrites inference graphs only "
-            "(run under torch.no_grad() or torch.inference_mode())")])
-    else:
-        report = rewrite_moe_layers(gm, opts, graph_name=name)
+    report = rewrite_moe_layers(gm, opts, graph_name=name)  # layers that need gradients stay as they are
     set_last_report(report)
     dump.emit("after", name, gm)
     if opts.dump_dir:

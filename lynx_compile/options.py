@@ -30,7 +30,8 @@ _DOCS = {
     "settings for that layer: a dict of its knobs ({'alpha': 3, 'beta': 2}, {'k0': 2}, {'budget': 24}), or for "
     "lynx an (alpha, beta) pair, as lynx_compile.calibrate() returns; beta: None is the model default, "
     f"{NO_CLAMP!r} no clamp",
-    "dump_dir": f"a directory for graph dumps, or None (environment: {DUMP_DIR_ENV})",
+    "dump_dir": f"a directory for graph dumps (each process writes into its own folder there), or None or '' "
+    f"for none (environment: {DUMP_DIR_ENV})",
     "compiler": f"one of {COMPILERS}: what runs the rewritten graph; 'eager' skips Inductor "
     "(debugging, graph tests)",
     "sequence_dim": "None, 0 or 1: which dimension of a [a, b, hidden] MoE layer input is the sequence, "
@@ -127,8 +128,8 @@ class LynxOptions:
             raise bad("mode", self.mode)
         if not isinstance(self.observe, bool):
             raise bad("observe", self.observe)
-        if self.dump_dir is not None:
-            object.__setattr__(self, "dump_dir", str(Path(self.dump_dir)))
+        if self.dump_dir is not None:  # "" means no dumps, as LYNX_DUMP_DIR="" does
+            object.__setattr__(self, "dump_dir", str(Path(self.dump_dir)) if str(self.dump_dir) else None)
 
     @classmethod
     def from_user(cls, options: Mapping | LynxOptions | None) -> LynxOptions:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -90,26 +91,33 @@ def describe_rule(rule, biased: bool) -> str:
 
 
 _last: LynxReport | None = None
-_collectors: list[list[LynxReport]] = []
+
+
+class _ThreadCollectors(threading.local):
+    def __init__(self):
+        self.active: list[list[LynxReport]] = []
+
+
+_collectors = _ThreadCollectors()
 
 
 def set_last_report(report: LynxReport) -> None:
     global _last
     _last = report
-    for reports in _collectors:
+    for reports in _collectors.active:
         reports.append(report)
 
 
 @contextlib.contextmanager
 def collect_reports() -> Iterator[list[LynxReport]]:
-    """The reports of every lynx compilation inside the block, in order (a forward with graph
-    breaks compiles to several graphs; ``last_report()`` holds only the last)."""
+    """The reports of every lynx compilation this thread runs inside the block, in order (a
+    forward with graph breaks compiles to several graphs; ``last_report()`` holds only the last)."""
     reports: list[LynxReport] = []
-    _collectors.append(reports)
+    _collectors.active.append(reports)
     try:
         yield reports
     finally:
-        _collectors.remove(reports)
+        _collectors.active.remove(reports)
 
 
 def last_report() -> LynxReport | None:

@@ -88,14 +88,32 @@ def default_settings(block: str, top_k: int, num_experts: int, hidden_size: int 
     return derived_settings(top_k, num_experts)
 
 
+def layer_settings_key(layer_settings, module: str) -> str | None:
+    """The ``layer_settings`` key for the block at ``module``.
+
+    Paths depend on what was compiled: ``model.forward`` names a block ``model.layers.0.mlp``,
+    ``model.model.forward`` names it ``layers.0.mlp``, a function over a global ``m`` names it
+    ``m.model.layers.0.mlp``. A key matches when one path ends with the other at a dot, so the
+    paths of the model the user holds (what ``calibrate`` returns) match whatever was compiled;
+    the longest match wins.
+    """
+    if module in layer_settings:
+        return module
+    matches = [key for key in layer_settings
+               if module and (key.endswith("." + module) or module.endswith("." + key))]
+    return max(matches, key=len) if matches else None
+
+
 def resolve_settings(options, module: str, block: str, top_k: int, num_experts: int,
                      hidden_size: int | None) -> SelectorSettings:
     """The policy's knobs for one layer: per-layer settings win, then the options; for lynx what
     they leave as None is the model's default. Knobs that do not fit the layer's router (OEA's
     k0 above its k, say) raise ``ValueError`` naming the layer."""
-    per_layer = (options.layer_settings or {}).get(module)
-    given = layer_knobs(options.policy, per_layer) if per_layer is not None else None
-    source = "layer_settings" if given is not None else "options"
+    if options.policy == "off":
+        return SelectorSettings({}, "-")
+    key = layer_settings_key(options.layer_settings or {}, module)
+    given = layer_knobs(options.policy, options.layer_settings[key]) if key is not None else None
+    source = "options" if given is None else "layer_settings" if key == module else f"layer_settings[{key!r}]"
     if given is None:
         given = {knob: getattr(options, knob) for knob in POLICY_KNOBS[options.policy]}
     if options.policy == "lynx":

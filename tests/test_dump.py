@@ -24,9 +24,10 @@ def code_lines(code: str) -> str:
 
 def test_dump_files_written_and_readable(tmp_path):
     compile_once(dump_dir=str(tmp_path))
-    [before] = tmp_path.glob("*.before.py")
+    [run] = tmp_path.iterdir()  # this process's own folder
+    [before] = run.glob("*.before.py")
     stem = before.name.removesuffix(".before.py")
-    after = tmp_path / f"{stem}.after.py"
+    after = run / f"{stem}.after.py"
     before_code, after_code = before.read_text(), after.read_text()
     compile(before_code, str(before), "exec")  # readable Python
     compile(after_code, str(after), "exec")
@@ -35,17 +36,33 @@ def test_dump_files_written_and_readable(tmp_path):
     assert after_ops.count("torch.ops.lynx.select_experts.default(") == 2
     assert after_ops.count("torch.ops.lynx.grouped_experts.default(") == 2
     assert "torch.topk(" not in after_ops and "grouped_mm" not in after_ops
-    report = json.loads((tmp_path / f"{stem}.report.json").read_text())
+    report = json.loads((run / f"{stem}.report.json").read_text())
     assert [m["module"] for m in report["matched"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert report == lynx_compile.last_report().to_dict()
-    markdown = (tmp_path / f"{stem}.report.md").read_text()
+    markdown = (run / f"{stem}.report.md").read_text()
     assert "| model.layers.1.mlp | Qwen3MoeSparseMoeBlock | 16 | 4 |" in markdown
 
 
 def test_dump_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LYNX_DUMP_DIR", str(tmp_path / "env"))
     compile_once()
-    assert len(list((tmp_path / "env").glob("*.after.py"))) == 1
+    assert len(list((tmp_path / "env").glob("*/*.after.py"))) == 1
+
+
+def test_unwritable_dump_dir_warns_and_compiles(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with caplog.at_level("WARNING", logger="lynx_compile"):
+        compile_once(dump_dir=str(blocker))  # used to fail the whole compile
+    assert "cannot write graph dumps" in caplog.text
+    assert len(lynx_compile.last_report().matched) == 2
+
+
+def test_empty_dump_dir_means_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    compile_once(dump_dir="")
+    assert list(tmp_path.iterdir()) == []
+    assert lynx_compile.LynxOptions.from_user({"dump_dir": ""}).dump_dir is None
 
 
 def test_graphs_go_to_torch_graph_code_log(caplog):

@@ -158,6 +158,18 @@ def test_vote_depth_fits_int64():
         assert vote_depth(num_tokens, 2) == min(2, depth)
 
 
+def test_device_side_depth_equals_vote_depth():
+    # kept_experts counts voters on the device and looks the depth up in a table: it must be
+    # exactly vote_depth, at the boundaries too.
+    from lynx_compile.policies.affinity_binning import _depth_limits
+
+    for beta in (1, 2, 4, None):
+        limits = torch.tensor(_depth_limits(beta))
+        boundaries = {b + d for b in _depth_limits(beta) for d in (-1, 0, 1)} | {2, 3, 16, 64, 1000, 5000}
+        for voters in sorted(b for b in boundaries if 2 <= b < 2**40):
+            assert int((voters <= limits).sum()) == vote_depth(voters, beta), (beta, voters)
+
+
 def test_traces_without_host_sync():
     # Symbolic tracing fails on any data-dependent host read (.item(), nonzero, unique...).
     from torch.fx.experimental.proxy_tensor import make_fx

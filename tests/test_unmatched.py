@@ -123,8 +123,49 @@ def test_graphs_with_gradients_left_alone():
     out = compiled(input_ids=input_ids, use_cache=False).logits  # grad mode on: training
     out.sum().backward()  # works: nothing without a backward was inserted
     report = last_report()
-    assert report.matched == [] and "gradients are enabled" in report.unmatched[0].reason
+    assert report.matched == [] and len(report.unmatched) == 2
+    assert all("require gradients" in u.reason for u in report.unmatched)
     assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
+
+
+def test_no_grad_inside_the_compiled_function_is_an_inference_graph():
+    from moe_models import tiny_model
+
+    model = tiny_model("qwen3_moe")
+
+    def generate_step(input_ids):
+        with torch.no_grad():  # the grad mode outside (on) is not what the graph runs under
+            return model(input_ids=input_ids, use_cache=False).logits
+
+    compiled = torch.compile(generate_step, backend="lynx", options={"compiler": "eager", "policy": "off"})
+    input_ids = torch.randint(2, 90, (4, 1))
+    out = compiled(input_ids)
+    assert len(last_report().matched) == 2
+    torch.testing.assert_close(out, generate_step(input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_settings_match_whatever_was_compiled(caplog):
+    # calibrate() names blocks as paths of the model the user holds (model.layers.0.mlp);
+    # compiling model.model.forward names them layers.0.mlp: the settings still apply.
+    from moe_models import tiny_model
+
+    model = tiny_model("qwen3_moe")
+    settings = {"model.layers.0.mlp": (1.5, 3), "model.layers.1.mlp": {"alpha": 2.5}}
+    compiled = torch.compile(model.model.forward, backend="lynx",
+                             options={"compiler": "eager", "layer_settings": settings})
+    with torch.no_grad():
+        compiled(input_ids=torch.randint(2, 90, (4, 1)), use_cache=False)
+    layers = {m.module: m for m in last_report().matched}
+    assert (layers["layers.0.mlp"].alpha, layers["layers.0.mlp"].beta) == (1.5, 3)
+    assert layers["layers.1.mlp"].alpha == 2.5
+    assert layers["layers.0.mlp"].settings == "layer_settings['model.layers.0.mlp']"
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="lynx_compile"):  # a key that matches nothing is said
+        compiled = torch.compile(model.forward, backend="lynx",
+                                 options={"compiler": "eager", "layer_settings": {"model.layers.7.mlp": (2, 2)}})
+        with torch.no_grad():
+            compiled(input_ids=torch.randint(2, 90, (4, 1)), use_cache=False)
+    assert "model.layers.0.mlp has no layer_settings entry (keys: model.layers.7.mlp)" in caplog.text
 
 
 def test_experts_with_extra_value_computation_left_alone(monkeypatch):

@@ -7,6 +7,8 @@ else is left exactly as it was and reported with the reason.
 
 from __future__ import annotations
 
+import logging
+
 from torch.fx import GraphModule
 
 from ..options import LynxOptions
@@ -15,9 +17,14 @@ from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
 from . import dispatch_einsum  # noqa: F401  (registers the gpt-fast pattern)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
-from .graph_utils import common_module, module_classes, module_path, op_kind, shape
+from .graph_utils import common_module, example_value, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
 from .routers import RouterMatch, match_router
+
+
+log = logging.getLogger("lynx_compile")
+GRADIENTS_REASON = ("the router's values require gradients: lynx rewrites inference only (run under "
+                    "torch.no_grad() or torch.inference_mode(), outside or inside the compiled function)")
 
 
 def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = "") -> LynxReport:
@@ -33,7 +40,12 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         if topk not in inside_routers:  # e.g. DeepSeek's top-k over expert groups
             report.unmatched.append(UnmatchedCandidate(module_path(topk), topk.name, f"router not recognised ({reason})"))
 
+    needs_gradients = False
     for topk, router in routers:
+        if getattr(example_value(router.logits), "requires_grad", False):
+            report.unmatched.append(UnmatchedCandidate(router.module, topk.name, GRADIENTS_REASON))
+            needs_gradients = True
+            continue
         dispatch = match_dispatch(graph, router)
         if isinstance(dispatch, str):
             report.unmatched.append(UnmatchedCandidate(
@@ -44,6 +56,9 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         hidden_size = shape(dispatch.hidden)[1]
         settings = resolve_settings(options, block, router.modules.get(block, ""), router.top_k,
                                     router.num_experts, hidden_size if isinstance(hidden_size, int) else None)
+        if options.layer_settings and options.policy != "off" and not settings.source.startswith("layer_settings"):
+            log.warning("lynx: %s has no layer_settings entry (keys: %s); it uses %s", block or "<top>",
+                        ", ".join(sorted(options.layer_settings)), settings.source)
         sequence_dim, step = sequence_rule(router, options)
         replace_dispatch(graph, dispatch)
         if options.policy != "off":
@@ -51,7 +66,7 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         report.matched.append(_matched_layer(block, router, dispatch, options, settings, step))
 
     for node in graph.nodes:
-        if op_kind(node) == "grouped_mm":
+        if op_kind(node) == "grouped_mm" and not needs_gradients:  # (their routers are reported already)
             report.unmatched.append(UnmatchedCandidate(
                 module_path(node), node.name, "grouped GEMM not fed by a recognised router"
             ))

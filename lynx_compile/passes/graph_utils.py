@@ -157,7 +157,7 @@ def is_last_dim(dim, ndim: int) -> bool:
     return dim in (-1, ndim - 1)
 
 
-_PATH_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+_PATH_PREFIX = re.compile(r"^[LG]\['[^']*'\]\.?")  # dynamo's roots: a local (self) or a global
 
 
 def _normalize_path(path: str) -> str:

@@ -52,6 +52,7 @@ class Policy:
     knobs: tuple[Knob, ...]
     kept: Callable  # (logits, rank, affinity, voters, top_k, rule, **knobs) -> [E] bool
     lower: Callable[[int], dict] = lambda top_k: {}  # knob -> smallest valid value given top_k
+    note: Callable[[dict], str] = lambda knobs: ""  # what the report should add about the knobs
 
     def check_against(self, knobs: Mapping[str, object], top_k: int, num_experts: int) -> None:
         """Knob errors that depend on the router's size (e.g. OEA's k0 <= k)."""
@@ -94,8 +95,10 @@ class Policy:
 
     def describe(self, values: Mapping[str, object]) -> str:
         """``alpha=3, beta=2`` (for reports)."""
-        return ", ".join(f"{k.name}={'none' if values.get(k.name) is None else format(values[k.name], 'g')}"
+        text = ", ".join(f"{k.name}={'none' if values.get(k.name) is None else format(values[k.name], 'g')}"
                          for k in self.knobs)
+        note = self.note(values)
+        return f"{text} ({note})" if note else text
 
 
 def _lynx_kept(logits, rank, affinity, voters, top_k, rule, *, alpha, beta):
@@ -116,7 +119,7 @@ POLICIES: dict[str, Policy] = {
         Knob("alpha", _positive_finite, "a number > 0, finite in fp32 (bins are 1/alpha logits wide)"),
         Knob("beta", _clamp_depth, "an int in [1, 64] (deepest bin) or None for no clamp", required=False,
              integer=True),
-    ), _lynx_kept),
+    ), _lynx_kept, note=lambda knobs: affinity_binning.depth_note(knobs.get("beta"))),
     "oea": Policy("oea", (
         Knob("k0", _positive_int, "an int in [1, k]: the experts every token keeps", integer=True,
              upper=lambda top_k, num_experts: top_k),

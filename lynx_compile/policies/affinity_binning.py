@@ -55,6 +55,16 @@ def _depth_limits(beta: int | None) -> tuple[int, ...]:
     return tuple(limits)
 
 
+def depth_note(beta: int | None) -> str:
+    """How the exact-integer budget caps the deepest bin at large batches, in words."""
+    limits = _depth_limits(beta)
+    if beta is None:
+        return f"no clamp: deepest bin {vote_depth(16, None)} at 16 voters, {vote_depth(64, None)} at 64"
+    if limits[-1] >= 1 << 16:  # beyond any decode batch
+        return ""
+    return f"beta acts as {beta - 1} above {limits[-1]} voters"
+
+
 def _powers(base: torch.Tensor, exponent: torch.Tensor, max_exponent: int) -> torch.Tensor:
     """``base ** exponent`` in int64 for ``0 <= exponent <= max_exponent`` (exact)."""
     if max_exponent <= _WHERE_CHAIN_DEPTH:
