@@ -5,7 +5,7 @@
 One process per plugin state: the environment (LYNX_VLLM_POLICY, ...) is the caller's, and
 vLLM loads its plugins once per process. Each run of the plan may set LYNX_VLLM_STATS (the
 plugin reads it when a model is built). The engine runs in this process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0) so that vLLM is imported once for all runs.
+(VLLM_ENABLE_V1_MULTIPROCESSING=0 unless the caller sets it) so that vLLM is imported once.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run(entry: dict) -> dict:
 
 def main() -> None:
     plan_path, out_path = sys.argv[1], sys.argv[2]
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with open(plan_path) as f:
         plan = json.load(f)
     results = {}
