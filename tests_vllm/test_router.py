@@ -22,11 +22,11 @@ from vllm.model_executor.layers.fused_moe.router.fused_topk_bias_router import F
 from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter  # noqa: E402
 from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import GroupedTopKRouter  # noqa: E402
 
-import lynx_compile  # noqa: E402
 from lynx_compile.integrations.vllm.router import LynxRouter  # noqa: E402
 from lynx_compile.integrations.vllm.rules import RouterSpec, router_spec  # noqa: E402
 from lynx_compile.integrations.vllm.runner import wrap_router  # noqa: E402
-from lynx_compile.selector import RouterRule, route_plain  # noqa: E402
+from lynx_compile.policies.rules import RouterRule, route_plain  # noqa: E402
+from lynx_compile.selector import reference_route  # noqa: E402
 
 E = 32
 BIAS = torch.linspace(-0.2, 0.2, E)
@@ -75,8 +75,9 @@ def logits(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def reference(router: CPURouter, spec: RouterSpec, scores: torch.Tensor, top_k: int, alpha: float, beta):
-    bias = router.e_score_correction_bias
-    return lynx_compile.select_experts(scores, top_k, alpha=alpha, beta=beta, score_bias=bias, **spec.keywords())
+    """The selector's oracle (two stable sorts, every row votes) under the rule read off the router."""
+    rule = RouterRule(**spec.keywords())
+    return reference_route(scores, top_k, rule, "lynx", {"alpha": alpha, "beta": beta}, router.e_score_correction_bias)
 
 
 def sorted_rows(ids: torch.Tensor) -> torch.Tensor:

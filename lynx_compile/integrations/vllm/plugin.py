@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 from .config import POLICY_ENV, PluginConfig
 
 
@@ -14,14 +12,10 @@ def register() -> None:
         return
     from vllm.logger import init_logger
 
-    logger = init_logger("vllm.lynx_compile")
     if not config.active:
-        logger.info_once("lynx: %s=off: vLLM's MoE routing is left untouched", POLICY_ENV)
+        # Shown where vLLM has configured its logging before loading plugins (its worker processes).
+        init_logger("vllm.lynx_compile").info_once("lynx: %s=off: vLLM's MoE routing is left untouched", POLICY_ENV)
         return
-    from ...selector import select_experts
-
-    if config.policy != "lynx" and "policy" not in inspect.signature(select_experts).parameters:
-        raise ValueError(f"{POLICY_ENV}={config.policy!r}: this lynx-compile's select_experts has no policy=")
     from .runner import register_runner
 
     register_runner()
