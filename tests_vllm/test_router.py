@@ -245,3 +245,12 @@ def test_decode_only_false_reroutes_prefill(monkeypatch, lynx_env):
     with step(max_query_len=9, mode=CUDAGraphMode.PIECEWISE, descriptor=BatchDescriptor(16)):
         _, ids = router.select_experts(None, scores)
     assert torch.equal(ids, inner._compute_routing(None, scores, None)[1])
+
+
+def test_all_rows_padding_as_at_capture(lynx_env):
+    """CUDA-graph capture runs a batch of padding rows only: the ids must still be valid experts."""
+    inner = cpu_router(FAMILIES[3][1], 4)
+    router = wrap_router("capture.experts", moe_config(4), inner)
+    with step(padding=torch.ones(16, dtype=torch.bool)):
+        weights, ids = router.select_experts(None, logits(16, seed=5))
+    assert torch.isfinite(weights).all() and ((ids >= 0) & (ids < E)).all()
