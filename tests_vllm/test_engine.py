@@ -80,3 +80,17 @@ def test_plugin_runs_in_vllms_worker_process(engines):
     assert any(call["rerouted"] for call in calls)
     assert run.results["mixtral"]["first_logprobs"] == engines["plain"].results["mixtral"]["first_logprobs"]
     assert re.search(r"\(Worker pid=\d+\).*lynx \(lynx\) re-routes decode steps", run.log)
+
+
+def test_lynx_compiles_its_own_model(engines):
+    """vLLM keys its compile cache by its config and its own environment, not by out-of-tree layers.
+
+    off and lynx differ only in LYNX_VLLM_POLICY (not a vLLM variable); without lynx's entry
+    in ``additional_config`` both would use the same cache directory, and lynx could load a
+    model compiled without its op.
+    """
+    def cache_dirs(log: str) -> set[str]:
+        return set(re.findall(r"torch_aot_compile/([0-9a-f]{16,})", log))
+
+    off, lynx = cache_dirs(engines["off"].log), cache_dirs(engines["lynx"].log)
+    assert off and lynx and not off & lynx
