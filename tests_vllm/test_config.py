@@ -23,7 +23,9 @@ def test_unset_off_and_lynx():
 
 
 @pytest.mark.parametrize("environ, message", [
-    ({"LYNX_VLLM_POLICY": "fast"}, "LYNX_VLLM_POLICY='fast': expected one of lynx, off"),
+    ({"LYNX_VLLM_POLICY": "fast"}, "LYNX_VLLM_POLICY='fast': expected one of lynx, oea, xshare, off"),
+    ({"LYNX_VLLM_POLICY": "oea"}, "k0"),
+    ({"LYNX_VLLM_POLICY": "lynx", "LYNX_VLLM_OPTIONS": '{"k0": 2}'}, "k0"),
     ({"LYNX_VLLM_POLICY": "lynx", "LYNX_VLLM_OPTIONS": "{alpha: 1}"}, "LYNX_VLLM_OPTIONS is not valid JSON"),
     ({"LYNX_VLLM_POLICY": "lynx", "LYNX_VLLM_OPTIONS": "[1]"}, "must be a JSON object, got list"),
     ({"LYNX_VLLM_POLICY": "lynx", "LYNX_VLLM_OPTIONS": '{"compiler": "eager"}'},

@@ -6,6 +6,7 @@ pads), CUDA-graph modes and the V2 runner's capture context.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ from lynx_compile.integrations.vllm.router import LynxRouter  # noqa: E402
 from lynx_compile.integrations.vllm.rules import RouterSpec, router_spec  # noqa: E402
 from lynx_compile.integrations.vllm.runner import wrap_router  # noqa: E402
 from lynx_compile.policies.rules import RouterRule, route_plain  # noqa: E402
-from lynx_compile.selector import reference_route  # noqa: E402
+from lynx_compile.selector import reference_route, select_experts  # noqa: E402
 
 E = 32
 BIAS = torch.linspace(-0.2, 0.2, E)
@@ -74,10 +75,10 @@ def logits(rows: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, E, generator=torch.Generator().manual_seed(seed))
 
 
-def reference(router: CPURouter, spec: RouterSpec, scores: torch.Tensor, top_k: int, alpha: float, beta):
+def reference(router: CPURouter, spec: RouterSpec, scores: torch.Tensor, top_k: int, knobs: dict):
     """The selector's oracle (two stable sorts, every row votes) under the rule read off the router."""
     rule = RouterRule(**spec.keywords())
-    return reference_route(scores, top_k, rule, "lynx", {"alpha": alpha, "beta": beta}, router.e_score_correction_bias)
+    return reference_route(scores, top_k, rule, "lynx", knobs, router.e_score_correction_bias)
 
 
 def sorted_rows(ids: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ def test_decode_is_the_reference_choice_prefill_is_vllms(lynx_env, name, keyword
     plan, scores = router.plan, logits(16, seed=1)
     with step(max_query_len=1):
         weights, ids = router.select_experts(None, scores)
-    ref_weights, ref_ids = reference(inner, plan.spec, scores, top_k, plan.alpha, plan.beta)
+    ref_weights, ref_ids = reference(inner, plan.spec, scores, top_k, plan.knobs)
     assert ids.dtype == torch.int32
     assert torch.equal(ids.long(), ref_ids)
     torch.testing.assert_close(weights, ref_weights)
@@ -166,7 +167,7 @@ def test_padded_rows_never_vote(lynx_env, name, keywords, top_k):
     scores = logits(16, seed=2)
     with step(padding=padding):
         weights, ids = router.select_experts(None, scores)
-    ref_weights, ref_ids = reference(inner, plan.spec, scores[:live_rows], top_k, plan.alpha, plan.beta)
+    ref_weights, ref_ids = reference(inner, plan.spec, scores[:live_rows], top_k, plan.knobs)
     assert torch.equal(ids[:live_rows].long(), ref_ids)
     torch.testing.assert_close(weights[:live_rows], ref_weights)
     assert torch.isfinite(weights).all() and ((ids >= 0) & (ids < E)).all()
@@ -229,8 +230,8 @@ def test_options_and_layer_settings(monkeypatch, lynx_env):
     inner = cpu_router({}, 4)
     first = wrap_router("model.layers.0.mlp.experts", moe_config(4), inner)
     second = wrap_router("model.layers.1.mlp.experts", moe_config(4), inner)
-    assert (first.plan.alpha, first.plan.beta) == (0.5, None)
-    assert (second.plan.alpha, second.plan.beta) == (4.0, 3)
+    assert first.plan.knobs == {"alpha": 0.5, "beta": None}
+    assert second.plan.knobs == {"alpha": 4.0, "beta": 3}
 
 
 def test_decode_only_false_reroutes_prefill(monkeypatch, lynx_env):
@@ -240,7 +241,7 @@ def test_decode_only_false_reroutes_prefill(monkeypatch, lynx_env):
     scores = logits(16, seed=1)
     with step(max_query_len=9):
         _, ids = router.select_experts(None, scores)
-    ref = reference(inner, router.plan.spec, scores, 4, router.plan.alpha, router.plan.beta)[1]
+    ref = reference(inner, router.plan.spec, scores, 4, router.plan.knobs)[1]
     assert torch.equal(ids.long(), ref)
     with step(max_query_len=9, mode=CUDAGraphMode.PIECEWISE, descriptor=BatchDescriptor(16)):
         _, ids = router.select_experts(None, scores)
@@ -254,3 +255,22 @@ def test_all_rows_padding_as_at_capture(lynx_env):
     with step(padding=torch.ones(16, dtype=torch.bool)):
         weights, ids = router.select_experts(None, logits(16, seed=5))
     assert torch.isfinite(weights).all() and ((ids >= 0) & (ids < E)).all()
+
+
+@pytest.mark.parametrize("policy, knobs", [("oea", {"k0": 2}), ("xshare", {"budget": 12})])
+def test_peer_policies_reach_the_router(monkeypatch, policy, knobs):
+    """The peers' policies go through the same router with their own knobs (LYNX_VLLM_OPTIONS)."""
+    monkeypatch.setenv("LYNX_VLLM_POLICY", policy)
+    monkeypatch.setenv("LYNX_VLLM_OPTIONS", json.dumps(knobs))
+    inner = cpu_router(FAMILIES[0][1], 4)
+    router = wrap_router(f"{policy}.experts", moe_config(4), inner)
+    assert router.plan.policy == policy and router.plan.knobs == knobs
+    scores = logits(16, seed=1)
+    with step(max_query_len=1):
+        weights, ids = router.select_experts(None, scores)
+    expected_weights, expected_ids = select_experts(scores, 4, policy=policy, **knobs, **router.plan.spec.keywords())
+    assert torch.equal(ids.long(), expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+    with step(max_query_len=3):
+        _, ids = router.select_experts(None, scores)
+    assert torch.equal(ids, inner._compute_routing(None, scores, None)[1])

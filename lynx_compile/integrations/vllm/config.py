@@ -3,7 +3,7 @@
 ``LYNX_VLLM_POLICY``  unset: the plugin does nothing; ``off``: vLLM's routing is untouched;
                       ``lynx`` (and the peers' policies once they exist): re-route decode steps.
 ``LYNX_VLLM_OPTIONS`` a JSON object of the compile backend's selector options that apply to
-                      vLLM (alpha, beta, decode_only, layer_settings), validated like
+                      vLLM (the policy's knobs alpha, beta, k0, budget; decode_only, layer_settings), validated like
                       ``torch.compile(..., options=)``.
 ``LYNX_VLLM_STATS``   a path: one JSON line per MoE layer call is appended there.
 """
@@ -23,7 +23,7 @@ STATS_ENV = "LYNX_VLLM_STATS"
 
 # The compile backend's options that mean something inside vLLM. ``policy`` comes from
 # LYNX_VLLM_POLICY; ``dump_dir`` and ``compiler`` are about FX graphs, which vLLM's MoE never shows.
-VLLM_OPTIONS = ("alpha", "beta", "decode_only", "layer_settings")
+VLLM_OPTIONS = ("alpha", "beta", "k0", "budget", "decode_only", "layer_settings")
 
 
 @dataclass(frozen=True)

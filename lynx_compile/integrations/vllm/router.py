@@ -34,8 +34,7 @@ class LayerPlan:
     policy: str
     spec: RouterSpec
     top_k: int
-    alpha: float
-    beta: int | None
+    knobs: dict  # the policy's knobs (lynx: alpha, beta; oea: k0; xshare: budget)
     decode_only: bool
     trust_padding: bool
 
@@ -69,9 +68,8 @@ class LynxRouter(BaseRouter):
         if not step.reroute:
             weights, ids = plain_weights.clone(), plain_ids.clone()
         else:
-            weights, ids = route(router_logits, plan.top_k, policy=plan.policy, alpha=plan.alpha, beta=plan.beta,
-                                 live=step.live, decode=True, score_bias=score_bias(self.inner),
-                                 **plan.spec.keywords())
+            weights, ids = route(router_logits, plan.top_k, policy=plan.policy, knobs=plan.knobs, live=step.live,
+                                 decode=True, score_bias=score_bias(self.inner), **plan.spec.keywords())
             # Slots vLLM's router marked as skipped (-1: padding rows) stay skipped.
             skipped = plain_ids < 0
             ids = torch.where(skipped, plain_ids, ids.to(plain_ids.dtype))

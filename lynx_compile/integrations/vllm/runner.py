@@ -60,14 +60,14 @@ def wrap_router(layer_name: str, moe_config, router):
     architecture = model_config.architectures[0] if model_config is not None and model_config.architectures else None
     hidden = moe_config.hidden_dim_unpadded or moe_config.hidden_dim
     settings = selector_settings(config.options, layer_name, architecture, top_k, num_experts, hidden)
-    beta = settings.beta
-    plan = LayerPlan(layer_name, config.policy, spec, top_k, settings.alpha, beta, config.options.decode_only,
+    plan = LayerPlan(layer_name, config.policy, spec, top_k, dict(settings.knobs), config.options.decode_only,
                      trust_padding=envs.VLLM_MOE_SKIP_PADDING)
     if vllm_config is not None:
         mark_compile_cache(vllm_config)
-    logger.info_once("lynx (%s) re-routes %s steps of MoE layers with %s: alpha=%g, beta=%s (%s)",
-                     config.policy, "decode" if plan.decode_only else "all", spec.describe(top_k, num_experts),
-                     settings.alpha, "none" if beta is None else beta, settings.source)
+    knobs = ", ".join(f"{name}={'none' if value is None else format(value, 'g')}"
+                      for name, value in settings.knobs.items())
+    logger.info_once("lynx (%s) re-routes %s steps of MoE layers with %s: %s (%s)", config.policy,
+                     "decode" if plan.decode_only else "all", spec.describe(top_k, num_experts), knobs, settings.source)
     return LynxRouter(router, plan, process_stats(config.stats_path))
 
 
