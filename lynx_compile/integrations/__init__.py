@@ -1,1 +1,1 @@
-"""Integrations with engines that run the models: transformers' serving paths (``transformers``)."""
+"""Integrations with engines that run the models: transformers' serving paths (``transformers``), vLLM (``vllm``)."""
