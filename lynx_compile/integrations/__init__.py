@@ -1,0 +1,1 @@
+"""Helpers for running lynx-compiled models inside other engines (torch.distributed)."""
