@@ -78,7 +78,10 @@ def match_dispatch(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
             return found
         reasons.append(f"{name}: {found}")
     if any(u.op == "output" for u in cast_chain_end(router.ids).users):
-        return "the expert ids leave the graph: the experts run after a graph break. " + EAGER_EXPERTS_HINT
+        return ("the expert ids leave the graph: the experts run after a graph break. Either " + EAGER_EXPERTS_HINT
+                + "; or expert parallelism exchanges tokens with all-to-all (transformers' ep_implementation="
+                "'all_to_all'), whose split sizes are read back to the host: lynx rewrites the all-reduce form "
+                "(ep_size == tp_size)")
     return "; ".join(reasons)
 
 
