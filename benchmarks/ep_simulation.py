@@ -183,6 +183,11 @@ def calibrate_skew(shipped: list[torch.Tensor], top_k: int, tokens: int = 4096, 
     return (lo + hi) / 2, target
 
 
+def sample_layers(layers: list[SyntheticLayer], skew: float, tokens: int = 4096) -> list[torch.Tensor]:
+    """Many tokens of every layer at once, for the routers' statistics."""
+    return [layer.sample(tokens, skew, torch.Generator().manual_seed(9)) for layer in layers]
+
+
 def score_bias(router: Router, layer: SyntheticLayer) -> torch.Tensor | None:
     return -BIAS_SCALE * layer.popularity if router.biased else None
 
@@ -360,7 +365,7 @@ def main() -> None:
         f"- shipped model's routers ({dm.SHIPPED.name}, E=64, k=4, {shipped[0].shape[0]} held-out tokens per layer): "
         f"{router_summary(shipped, shipped_k)}",
         f"- synthetic routers at E=64, k=4 (expert popularity scale {skew:.3f}, fitted to load CV {target_cv:.3f}): "
-        f"{router_summary([layer.sample(4096, skew, torch.Generator().manual_seed(9)) for layer in make_layers(shipped, 64, args.seed)], shipped_k)}",
+        f"{router_summary(sample_layers(make_layers(shipped, 64, args.seed), skew), shipped_k)}",
     ]
     total = len(args.models) * (len(args.batches) + len(TRADE_OFF_BATCHES)) * 4 * trials
     rows, trade_off = [], []
@@ -368,7 +373,7 @@ def main() -> None:
         for key in args.models:
             router = ROUTERS[key]
             layers = make_layers(shipped, router.num_experts, args.seed)
-            sample = [layer.sample(4096, skew, torch.Generator().manual_seed(9)) for layer in layers]
+            sample = sample_layers(layers, skew)
             header.append(f"- synthetic routers at {router.name} (E={router.num_experts}, k={router.top_k}): "
                           f"{router_summary(sample, router.top_k)}")
             rows += simulate(router, layers, skew, args.batches, args.ranks, trials, args.seed, progress, SELECTORS)

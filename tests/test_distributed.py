@@ -32,6 +32,8 @@ FULL = [f"{f}:{layout}:{d}" for f in FAMILY_NAMES for layout in ("tp", "ep") for
 SUBSET = ["mixtral:ep:fp32", "deepseek_v3:tp:fp32", "qwen3_moe:ep:bf16", "olmoe:tp:bf16"]
 CASES = FULL if os.environ.get("LYNX_DIST_FULL") == "1" else SUBSET
 TIES = "mixtral_ties:ep:fp32:lynx"  # near ties: only the selector on, checked across ranks
+WORKER_TIMEOUT = 3600 if CASES is FULL else 1200  # seconds; the module fixture runs them all in one test's setup
+pytestmark = pytest.mark.timeout(WORKER_TIMEOUT + 300)
 # Expert intermediate sizes whose TP halves stay 16-byte aligned in bf16 (torch._grouped_mm needs
 # it: transformers' own sharded model fails to compile otherwise, lynx or not).
 SIZES = {"mixtral": {"intermediate_size": 48}, "qwen3_moe": {"moe_intermediate_size": 32},
@@ -84,7 +86,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(ROOT / "tests" / "distributed_worker.py"), "--models", str(models), "--out", str(out), "--gpt-fast",
                *CASES, TIES]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     saved = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     for rank in saved:
@@ -132,9 +134,15 @@ def test_every_rank_rewrites_every_moe_layer(ranks, case, policy):
 
 def graph_lines(path: Path, pattern: str) -> list[str]:
     """The statements of a graph dump matching ``pattern``, without dynamo's ``; x = None`` tails.
-    The routing weights the EP mask reads are renamed once the selector produces them: not compared."""
-    return [re.sub(r"= \w+\.masked_fill\(", "= <weights>.masked_fill(", line.split(";")[0].strip())
-            for line in path.read_text().splitlines() if re.search(pattern, line) and not line.strip().startswith("#")]
+    Names that the rewrite renames are not compared: the routing weights the EP mask reads (the
+    selector's now) and the tensor an all_reduce reduces (the experts op's output now, where the
+    experts computation ended in a cast)."""
+    def normalise(line: str) -> str:
+        line = re.sub(r"= \w+\.masked_fill\(", "= <weights>.masked_fill(", line.split(";")[0].strip())
+        return re.sub(r"_c10d_functional\.all_reduce\(\w+,", "_c10d_functional.all_reduce(<input>,", line)
+
+    return [normalise(line) for line in path.read_text().splitlines()
+            if re.search(pattern, line) and not line.strip().startswith("#")]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -148,7 +156,9 @@ def test_collectives_and_local_shards_are_left_as_they_were(ranks, case):
             assert len(graphs) == 2  # prefill, decode
             for before in graphs:
                 after = before.with_name(before.name.replace(".before.", ".after."))
-                kept = r"_c10d_functional|\.to_local\(\)" + (r"|torch\.where\(|masked_fill\(off_rank" if layout == "ep" else "")
+                kept = r"_c10d_functional|\.to_local\(\)"
+                if layout == "ep":
+                    kept += r"|torch\.where\(|masked_fill\(off_rank"
                 assert graph_lines(after, kept) == graph_lines(before, kept)
                 assert len(graph_lines(before, r"_c10d_functional\.all_reduce")) >= layers
                 assert len(graph_lines(after, r"lynx\.grouped_experts")) == layers
@@ -233,7 +243,8 @@ def test_logits_equal_the_single_process_lynx_model(ranks, case, policy):
             if dtype == "fp32":  # bf16: the sharded model's sums round differently (transformers' too)
                 assert all(torch.equal(e["ids"], r["ids"]) for e, r in zip(step["routing"], ref["routing"], strict=True))
                 if layout == "tp":  # the experts op saw the single-process model's expert ids
-                    assert all(torch.equal(e["ids"], r["ids"]) for e, r in zip(step["dispatch"], ref["dispatch"], strict=True))
+                    pairs = zip(step["dispatch"], ref["dispatch"], strict=True)
+                    assert all(torch.equal(e["ids"], r["ids"]) for e, r in pairs)
 
 
 # --- EP: each rank's experts op reads its own experts, off-rank slots skipped -----------------
@@ -336,3 +347,58 @@ def test_experts_kernels_reject_ids_past_the_sentinel(bad):
         grouped_experts_cpu(hidden, ids, weights, w_gate_up, w_down, None, None, None, "silu", "gate_up_concat", [])
     with pytest.raises(ValueError, match=r"expert ids must be in \[0, 4\]"):
         grouped_experts_reference(hidden, ids, weights, w_gate_up, w_down)
+
+
+# --- the EP graph in one process: transformers' AllReduceEP translation without the all-reduce -------
+
+def one_rank_of(model, rank: int, ranks: int):
+    """``model``'s experts as rank ``rank`` of ``ranks`` holds them under transformers' AllReduceEP
+    (local experts, sentinel ids, masked weights), minus the all-reduce: the output is this rank's part."""
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        local = experts.num_experts // ranks
+        for name in ("gate_up_proj", "down_proj"):
+            part = getattr(experts, name)[rank * local:(rank + 1) * local].clone()
+            setattr(experts, name, torch.nn.Parameter(part, requires_grad=False))
+        experts.num_experts, experts._is_expert_parallel = local, True
+        forward = experts.forward
+
+        def ep_forward(hidden, ids, weights, forward=forward, local=local):
+            off_rank = ids // local != rank
+            return forward(hidden, torch.where(off_rank, local, ids % local), weights.masked_fill(off_rank, 0.0))
+
+        experts.forward = ep_forward
+    return model
+
+
+def test_expert_parallel_graph_in_one_process(tmp_path):
+    from lynx_compile import capture_routing, last_report
+    from lynx_compile.passes.dispatch import match_dispatch
+    from lynx_compile.passes.graph_utils import op_kind
+    from lynx_compile.passes.routers import RouterMatch, match_router
+
+    build_model("qwen3_moe", tmp_path / "qwen3_moe")
+    model = one_rank_of(AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3_moe").eval(), rank=1, ranks=4)
+    tokens = torch.randint(2, 96, (16, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=tokens, use_cache=False).logits
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model.forward, backend=keep_graph)(input_ids=tokens, use_cache=False)
+    (graph,) = graphs
+    routers = [match_router(n) for n in graph.graph.nodes if op_kind(n) == "topk"]
+    matches = [match_dispatch(graph.graph, r) for r in routers if isinstance(r, RouterMatch)]
+    assert [(m.ep_rank, m.ep_ranks, op_kind(m.ids)) for m in matches] == [(1, 4, "where")] * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="lynx", options={"compiler": "eager", "policy": "off"})
+    with torch.no_grad(), capture_routing() as cap:
+        logits = compiled(input_ids=tokens, use_cache=False).logits
+    assert [m.dispatch for m in last_report().matched] == ["hf_experts (expert-parallel rank 1: experts 4-7 of 16)"] * 2
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+    assert all(0 < e.distinct_experts <= 4 and int(e.ids.max()) <= 4 for e in cap.dispatch)

@@ -56,6 +56,8 @@ class DispatchMatch:
     b_gate_up: Node | None = None
     b_down: Node | None = None
     activation_args: tuple[float, ...] = ()
+    ep_rank: int = 0  # expert parallelism: this rank of ep_ranks owns experts [ep_rank * E/ep_ranks, ...)
+    ep_ranks: int = 1  # 1: not expert-parallel (an EP-aware selector can read it from here)
 
 
 DispatchPattern = Callable[[Graph, RouterMatch], "DispatchMatch | str"]
@@ -387,6 +389,7 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
         w_gate_up=first.param, w_down=second.param, activation=gate.activation, layout=layout,
         module=module_path(first.node), b_gate_up=first.bias, b_down=second.bias,
         activation_args=gate.activation_args,
+        ep_rank=ep.rank if ep else 0, ep_ranks=router.num_experts // ep.local_experts if ep else 1,
     )
 
 
