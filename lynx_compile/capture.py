@@ -65,7 +65,8 @@ class RoutingCapture:
     dispatch: list[DispatchEvent] = field(default_factory=list)
 
     def distinct_experts(self) -> list[int]:
-        """Distinct experts read by each experts call, in call order."""
+        """Distinct experts read by each experts call, in call order (under expert parallelism: this
+        rank's experts)."""
         return [event.distinct_experts for event in self.dispatch]
 
 
@@ -112,10 +113,14 @@ def record_routing(logits, seq_len, ids, weights, voters, live, rule, policy, kn
                 cap.routing.append(event)
 
 
-def record_dispatch(topk_ids: torch.Tensor) -> None:
+def record_dispatch(topk_ids: torch.Tensor, num_experts: int | None = None) -> None:
+    """``num_experts``: the experts the op holds; ids past them (expert-parallel sentinels) are not experts read."""
     active = _listeners()
     if active:
-        event = DispatchEvent(topk_ids.clone(), int(topk_ids.unique().numel()))
+        in_use = topk_ids.unique()
+        if num_experts is not None:
+            in_use = in_use[in_use < num_experts]
+        event = DispatchEvent(topk_ids.clone(), int(in_use.numel()))
         for cap in active:
             with _lock:
                 cap.dispatch.append(event)

@@ -111,24 +111,25 @@ def grouped_experts_op(
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``.
 
     Gated-MLP experts stored as ``layout`` describes (``kernels/experts_ref.py``). Output has
-    ``hidden``'s dtype and shape. This default implementation serves devices without a
+    ``hidden``'s dtype and shape. An id equal to the number of experts in the weights is an
+    empty slot (expert parallelism: the expert lives on another rank) and adds nothing. This default implementation serves devices without a
     specialised kernel.
     """
-    capture.record_dispatch(topk_ids)
+    capture.record_dispatch(topk_ids, w_gate_up.shape[0])
     return grouped_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up,
                                      b_gate_up, b_down, activation, layout, activation_args)
 
 
 @grouped_experts_op.register_kernel("cpu")
 def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
-    capture.record_dispatch(topk_ids)
+    capture.record_dispatch(topk_ids, w_gate_up.shape[0])
     return grouped_experts_cpu(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up,
                                b_down, activation, layout, activation_args)
 
 
 @grouped_experts_op.register_kernel("cuda")
 def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
-    capture.record_dispatch(topk_ids)
+    capture.record_dispatch(topk_ids, w_gate_up.shape[0])
     kernels = _cuda_kernels()
     run = kernels.grouped_experts_triton if kernels else grouped_experts_reference
     return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,

@@ -1,1 +1,2 @@
-"""Integrations with engines that run the models: transformers' serving paths (``transformers``), vLLM (``vllm``)."""
+"""Integrations with engines that run the models: transformers' serving paths (``transformers``), vLLM
+(``vllm``), torch.distributed (``distributed``)."""

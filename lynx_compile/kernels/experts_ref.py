@@ -11,6 +11,8 @@ Layouts (how the expert weights are stored):
   gate_up_interleaved_t  GPT-OSS: w_gate_up [E, H, 2I] with gate/up in alternating columns
                          and w_down [E, I, H] (y = x @ W), optional biases [E, 2I] / [E, H].
   gate_up_split          gpt-fast: gate w_gate_up [E, I, H], up w_up [E, I, H], w_down [E, H, I].
+Expert ids: ``0 <= id < E``, or ``E`` (the sentinel of expert parallelism: the slot's expert lives
+on another rank; the slot adds nothing).
 Activations: f(gate) * up for f in silu / gelu / gelu_tanh / relu, and swiglu_oai (GPT-OSS):
   (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit),
   with activation_args = [alpha, limit].
@@ -54,6 +56,13 @@ def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, l
         raise ValueError(f"layout {layout!r} takes no biases")
 
 
+def check_expert_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Ids must name one of the ``num_experts`` experts, or be the sentinel ``num_experts``."""
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) > num_experts):
+        raise ValueError(f"expert ids must be in [0, {num_experts}] ({num_experts}: an expert on another rank), "
+                         f"got ids in [{int(topk_ids.min())}, {int(topk_ids.max())}]")
+
+
 def _project(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """``x @ W.T`` (nn.Linear layout) or ``x @ W`` (transposed), one matrix ``w[i]`` per row."""
     if transposed:
@@ -83,6 +92,8 @@ def grouped_experts_reference(
     activation="silu", layout="gate_up_concat", activation_args=(),
 ) -> torch.Tensor:
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, list(activation_args))
+    num_experts = w_gate_up.shape[0]
+    check_expert_ids(topk_ids, num_experts)
     x = hidden.float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
 
@@ -90,8 +101,9 @@ def grouped_experts_reference(
         return None if w is None else w[e].float()
 
     for slot in range(topk_ids.shape[1]):
-        e = topk_ids[:, slot]
+        sentinel = topk_ids[:, slot] == num_experts
+        e = topk_ids[:, slot].clamp(max=num_experts - 1)
         y = expert_mlp(x, pick(w_gate_up, e), pick(w_down, e), pick(w_up, e), pick(b_gate_up, e),
                        pick(b_down, e), activation, layout, list(activation_args))
-        out += topk_weights[:, slot, None].float() * y
+        out += torch.where(sentinel[:, None], 0.0, topk_weights[:, slot, None].float() * y)
     return out.to(hidden.dtype)

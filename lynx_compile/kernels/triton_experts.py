@@ -1,5 +1,7 @@
 """Grouped gated-MLP experts in Triton, built for decode: each active expert's weights are
-read once per step. Same contract as ``experts_ref.grouped_experts_reference``.
+read once per step. Same contract as ``experts_ref.grouped_experts_reference`` (ids equal to E, the
+expert-parallel sentinel, are dropped by the align step and skipped by the sum; ids are not
+range-checked on the device).
 
 Four launches, all grids sized from shapes, no host synchronisation (CUDA-graph safe):
   1. align    (1 program)  group the T*k (token, slot) pairs by expert into tiles of at most
@@ -172,6 +174,6 @@ def grouped_experts_triton(
 
     block_h = min(1024, 1 << (hidden_size - 1).bit_length())
     sum_slots_kernel[(num_tokens, -(-hidden_size // block_h))](
-        partial, out, hidden_size, num_pairs, top_k, num_splits, BLOCK_H=block_h,
+        partial, topk_ids.contiguous(), out, hidden_size, num_pairs, top_k, num_splits, num_experts, BLOCK_H=block_h,
     )
     return out

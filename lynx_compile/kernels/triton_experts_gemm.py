@@ -164,15 +164,18 @@ def down_kernel(
 
 
 @triton.jit
-def sum_slots_kernel(partial_ptr, out_ptr, hidden_size, num_pairs, top_k, num_splits,
+def sum_slots_kernel(partial_ptr, ids_ptr, out_ptr, hidden_size, num_pairs, top_k, num_splits, num_experts,
                      BLOCK_H: tl.constexpr):
-    """out[t] = sum over slots j, then splits s, of partial[s, t*k + j]: a fixed order, no atomics."""
+    """out[t] = sum over slots j, then splits s, of partial[s, t*k + j]: a fixed order, no atomics.
+    Slots whose id is not an expert here (the expert-parallel sentinel) were never computed: skipped."""
     token = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     n_ok = n < hidden_size
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in range(top_k):
+        expert = tl.load(ids_ptr + token * top_k + j)
+        width = tl.where((expert >= 0) & (expert < num_experts), hidden_size, 0)  # 0: nothing to read
         for s in range(num_splits):
             row = s * num_pairs + token * top_k + j
-            acc += tl.load(partial_ptr + row * hidden_size + n, mask=n_ok, other=0.0)
+            acc += tl.load(partial_ptr + row * hidden_size + n, mask=n < width, other=0.0)
     tl.store(out_ptr + token * hidden_size + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)

@@ -25,6 +25,8 @@ from .graph_utils import (
     cast_chain_end,
     dtype,
     escaping_nodes,
+    example_value,
+    is_param_source,
     is_size_value,
     module_path,
     op_kind,
@@ -54,6 +56,8 @@ class DispatchMatch:
     b_gate_up: Node | None = None
     b_down: Node | None = None
     activation_args: tuple[float, ...] = ()
+    ep_rank: int = 0  # expert parallelism: this rank of ep_ranks owns experts [ep_rank * E/ep_ranks, ...)
+    ep_ranks: int = 1  # 1: not expert-parallel (an EP-aware selector can read it from here)
 
 
 DispatchPattern = Callable[[Graph, RouterMatch], "DispatchMatch | str"]
@@ -76,7 +80,10 @@ def match_dispatch(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
             return found
         reasons.append(f"{name}: {found}")
     if any(u.op == "output" for u in cast_chain_end(router.ids).users):
-        return "the expert ids leave the graph: the experts run after a graph break. " + EAGER_EXPERTS_HINT
+        return ("the expert ids leave the graph: the experts run after a graph break. Either " + EAGER_EXPERTS_HINT
+                + "; or expert parallelism exchanges tokens with all-to-all (transformers' ep_implementation="
+                "'all_to_all'), whose split sizes are read back to the host: lynx rewrites the all-reduce form "
+                "(ep_size == tp_size)")
     return "; ".join(reasons)
 
 
@@ -106,20 +113,29 @@ def find_downstream(start: Node, accept: Callable[[Node], bool], limit: int = 30
     return min(found, key=order.__getitem__)
 
 
-def expert_region(router: RouterMatch, output: Node) -> tuple[set[Node], Node, Node, Node] | str:
-    """The dispatch region ending at ``output``: (region, hidden, ids, weights) inputs."""
-    ids, weights = cast_chain_end(router.ids), cast_chain_end(router.weights)
+def expert_region(router: RouterMatch, output: Node, routing: tuple[Node, Node] | None = None,
+                  ) -> tuple[set[Node], Node, Node, Node] | str:
+    """The dispatch region ending at ``output``: (region, hidden, ids, weights) inputs.
+
+    ``routing``: the (ids, weights) the experts read when they are not the router's own
+    (expert parallelism: this rank's local ids and masked weights, see ``expert_parallel_routing``).
+    """
+    ids, weights = routing or (cast_chain_end(router.ids), cast_chain_end(router.weights))
     boundary = {ids, weights} | router.hidden_aliases
 
     def stop(node: Node) -> bool:
-        return node in boundary or node.op in ("placeholder", "get_attr")
+        return node in boundary or is_param_source(node)
 
     region = backward_region(output, stop)
     if region is None:
         return "the experts computation is not a self-contained region"
+    collectives = [n for n in region if op_kind(n) in ("collective", "wait_tensor")]
+    if collectives:
+        return (f"a collective ({collectives[0].name}) runs inside the experts computation, before the routing "
+                "weights are applied: lynx does not move collectives (reduce after the weighted sum over the k experts)")
     inputs = region_inputs(region)
     hidden = [n for n in inputs if n in router.hidden_aliases]
-    outside = [n for n in inputs if n not in boundary and n.op not in ("placeholder", "get_attr") and not is_size_value(n)]
+    outside = [n for n in inputs if n not in boundary and not is_param_source(n) and not is_size_value(n)]
     if outside:
         return f"the experts computation also reads {outside[0].name}"
     if len(hidden) != 1 or shape(hidden[0]) is None or len(shape(hidden[0])) != 2:
@@ -130,6 +146,55 @@ def expert_region(router: RouterMatch, output: Node) -> tuple[set[Node], Node, N
     if escaping:
         return f"an intermediate of the experts computation ({escaping[0].name}) is used elsewhere"
     return region, hidden[0], ids, weights
+
+
+@dataclass
+class ExpertParallelRouting:
+    """transformers' all-reduce expert parallelism (``AllReduceEP``) on one rank: rank ``rank``
+    owns experts ``[rank * local_experts, (rank + 1) * local_experts)``; other ranks' slots get
+    the sentinel local id ``local_experts`` and weight 0."""
+
+    ids: Node  # torch.where(off_rank, local_experts, ids % local_experts)
+    weights: Node  # weights.masked_fill(off_rank, 0.0)
+    local_experts: int
+    rank: int
+
+
+def expert_parallel_routing(router: RouterMatch) -> ExpertParallelRouting | str | None:
+    """The rank's translation of the router's global ids into local ones, if the graph has it.
+
+    ``off_rank = ids // L != rank; local = where(off_rank, L, ids % L); w = w.masked_fill(off_rank, 0)``.
+    None when the ids are not divided into ranks; a reason when they are, but not in this form.
+    """
+    ids, weights = cast_chain_end(router.ids), cast_chain_end(router.weights)
+    divisions = [u for u in ids.users if op_kind(u) == "floordiv" and u.args[0] is ids]
+    if not divisions:
+        return None
+    local = divisions[0].args[1]
+    num_experts = router.num_experts
+    if len(divisions) != 1 or isinstance(local, bool) or not isinstance(local, int) or local < 1 or num_experts % local:
+        return "the expert ids are divided by something other than a number of experts per rank"
+    off_rank = [u for u in divisions[0].users if op_kind(u) == "ne" and u.args[0] is divisions[0]]
+    remainders = [u for u in ids.users if op_kind(u) == "mod" and u.args[0] is ids and u.args[1] == local]
+    if len(off_rank) != 1 or len(remainders) != 1 or set(ids.users) - router.nodes != {divisions[0], remainders[0]}:
+        return "the expert ids are split into ranks other than as (ids // L != rank, ids % L)"
+    rank = off_rank[0].args[1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_experts // local:
+        return f"the rank of the expert-parallel split is not a constant in [0, {num_experts // local})"
+    selects = [u for u in off_rank[0].users if op_kind(u) == "where"]
+    masks = [u for u in off_rank[0].users if op_kind(u) == "masked_fill"]
+    if (len(selects) != 1 or selects[0].args[1:] != (local, remainders[0]) or len(masks) != 1
+            or masks[0].args[0] is not weights or arg(masks[0], 2, "value") not in (0, 0.0)
+            or set(off_rank[0].users) != {selects[0], masks[0]}):
+        return "off-rank slots are not given the sentinel id and weight 0 (where(off, L, ids % L), masked_fill(off, 0))"
+    return ExpertParallelRouting(selects[0], masks[0], local, rank)
+
+
+def shard_description(param: Node, local_shape: tuple) -> str:
+    """How a DTensor parameter's local shard differs from the whole tensor, e.g. ``dim 1: 40 of 80``."""
+    source = param.args[0] if op_kind(param) == "to_local" else param
+    full = tuple(getattr(example_value(source), "shape", local_shape))
+    return ", ".join(f"dim {d}: {a} of {b}" for d, (a, b) in enumerate(zip(local_shape, full)) if a != b)
 
 
 def downstream_within(region: set[Node], sources: list[Node]) -> set[Node]:
@@ -172,7 +237,7 @@ def expert_param(node: object, gathered: bool) -> tuple[Node | None, int]:
         if op_kind(node) != "getitem" or not isinstance(node.args[1], Node):
             return None, transposes
         node = node.args[0]
-    if not isinstance(node, Node) or node.op not in ("placeholder", "get_attr") or len(shape(node) or ()) != 3:
+    if not is_param_source(node) or len(shape(node) or ()) != 3:
         return None, transposes
     return node, transposes
 
@@ -240,7 +305,7 @@ def _gathered_param_2d(node: object) -> Node | None:
     if op_kind(node) != "getitem" or not isinstance(node.args[1], Node):
         return None
     param = node.args[0]
-    ok = isinstance(param, Node) and param.op in ("placeholder", "get_attr") and len(shape(param) or ()) == 2
+    ok = is_param_source(param) and len(shape(param) or ()) == 2
     return param if ok else None
 
 
@@ -258,7 +323,12 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     slot_sum = find_downstream(router.ids, is_slot_sum)
     if slot_sum is None:
         return "no per-token sum over the k expert outputs follows the router"
-    found = expert_region(router, slot_sum)
+    ep = expert_parallel_routing(router)
+    if isinstance(ep, str):
+        return ep
+    if ep is not None:  # this rank's experts: local ids with a sentinel, parameters of L experts
+        num_experts = ep.local_experts
+    found = expert_region(router, slot_sum, (ep.ids, ep.weights) if ep else None)
     if isinstance(found, str):
         return found
     region, hidden, ids, weights = found
@@ -307,11 +377,19 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     layout = _layout(first, second, gate, shape(hidden)[1], num_experts)
     if layout not in LAYOUTS:
         return layout  # the reason it is none
+    pattern = "hf_experts"
+    if ep is not None:
+        first_expert = ep.rank * ep.local_experts
+        pattern += (f" (expert-parallel rank {ep.rank}: experts {first_expert}-{first_expert + ep.local_experts - 1}"
+                    f" of {router.num_experts})")
+    elif op_kind(first.param) == "to_local" and shard_description(first.param, shape(first.param)):
+        pattern += f" (tensor-parallel shard: {shard_description(first.param, shape(first.param))})"
     return DispatchMatch(
-        pattern="hf_experts", output=output, region=region, hidden=hidden, ids=ids, weights=weights,
+        pattern=pattern, output=output, region=region, hidden=hidden, ids=ids, weights=weights,
         w_gate_up=first.param, w_down=second.param, activation=gate.activation, layout=layout,
         module=module_path(first.node), b_gate_up=first.bias, b_down=second.bias,
         activation_args=gate.activation_args,
+        ep_rank=ep.rank if ep else 0, ep_ranks=router.num_experts // ep.local_experts if ep else 1,
     )
 
 

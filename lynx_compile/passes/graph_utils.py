@@ -61,6 +61,11 @@ _FUNCTION_KINDS: dict[object, str] = {
     operator.floordiv: "floordiv",
     operator.ge: "ge",
     torch.ge: "ge",
+    operator.ne: "ne",
+    torch.ne: "ne",
+    operator.mod: "mod",
+    torch.remainder: "mod",
+    torch.where: "where",
     operator.neg: "neg",
 }
 if hasattr(torch, "_grouped_mm"):
@@ -74,6 +79,14 @@ _OPERATOR_KINDS = {
     "aten::_grouped_mm": "grouped_mm",
     "lynx::select_experts": "lynx_select",
     "lynx::grouped_experts": "lynx_experts",
+    # Collectives as dynamo records them (torch.distributed's functional collectives).
+    "_c10d_functional::all_reduce": "collective",
+    "_c10d_functional::all_reduce_": "collective",
+    "_c10d_functional::all_gather_into_tensor": "collective",
+    "_c10d_functional::reduce_scatter_tensor": "collective",
+    "_c10d_functional::all_to_all_single": "collective",
+    "_c10d_functional::broadcast": "collective",
+    "_c10d_functional::wait_tensor": "wait_tensor",
 }
 
 _METHOD_KINDS = {
@@ -89,10 +102,21 @@ _METHOD_KINDS = {
     "repeat_interleave": "repeat_interleave", "div_": "div", "div": "div", "mul": "mul",
     "mul_": "mul", "add": "add", "add_": "add", "ge": "ge", "new_zeros": "zeros_like",
     "scatter": "scatter", "scatter_": "scatter", "index_select": "index_select",
+    "ne": "ne", "remainder": "mod", "to_local": "to_local",
 }
 
 # Ops that only move, view or re-type data: a region may hold any number of them.
 LAYOUT_KINDS = frozenset({"cast", "view", "transpose", "getitem"})
+
+
+def is_param_source(node: object) -> bool:
+    """A graph input holding weights: a placeholder or attribute, or the local shard of a DTensor
+    one (``param.to_local()``, as transformers' tensor- and expert-parallel styles swap them in)."""
+    if not isinstance(node, Node):
+        return False
+    if op_kind(node) == "to_local" and node.args and not node.kwargs:
+        node = node.args[0]
+    return isinstance(node, Node) and node.op in ("placeholder", "get_attr")
 
 
 def op_kind(node: Node) -> str:
