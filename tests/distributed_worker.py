@@ -144,7 +144,8 @@ def run_gpt_fast(out: Path) -> dict:
             torch._dynamo.reset()
             dump_dir = out / f"dumps_rank{dist.get_rank()}" / f"gpt_fast_{placement}_{policy}"
             compiled = torch.compile(model, backend="lynx", options={
-                "compiler": "eager", "policy": policy, "alpha": 1.0, "beta": 1, "dump_dir": str(dump_dir)})
+                "compiler": "eager", "policy": policy, "alpha": 1.0, "beta": 1, "dump_dir": str(dump_dir),
+                "sequence_dim": 1})  # gpt-fast: [batch, seq, dim]
             with torch.no_grad(), collect_reports() as reports, capture_routing() as cap:
                 logits = compiled(tokens)
             result[(placement, policy)] = {
