@@ -1,18 +1,107 @@
-"""CPU grouped experts: rows grouped by expert, one grouped GEMM per projection.
+"""CPU grouped experts: the fused C++ kernel at decode, ``torch._grouped_mm`` at prefill.
 
-Decode is memory-bound: the cost is the bytes of expert weights read. Tokens are sorted by
-expert and each projection is one ``torch._grouped_mm`` over the groups, which reads only the
-experts that received tokens, each once, in the model's dtype (fp32 accumulation). Where the
-tensors are not aligned as ``_grouped_mm`` needs (strides in multiples of 16 bytes), a loop of
-``torch.mm`` over the non-empty groups does the same. The k weighted outputs of a token are
-summed in fp32 and in slot order, like transformers' ``grouped_mm`` path.
+Decode is memory-bound: the cost is the bytes of expert weights read. Both paths read only the
+experts that received tokens, each once, with fp32 accumulation, and sum a token's k weighted
+outputs in fp32 in slot order.
+
+- ``fused`` (``experts_cpu.cpp``): one C++ call per layer: counting sort by expert, gate_up +
+  activation, down, slot sum, every expert's weight streamed once while all its rows pass over
+  it. The only path that keeps decode at the memory limit in bf16 on CPUs without native bf16
+  GEMM (MKL's bf16 GEMM with 2+ rows is many times slower there), and the only one whose cost
+  at the shipped model's cache-resident shapes is not op overheads.
+- ``grouped_mm``: tokens sorted by expert, one ``torch._grouped_mm`` per projection (a loop
+  of ``torch.mm`` over the non-empty groups where strides are not 16-byte aligned). MKL GEMM
+  is faster once experts have many rows each (prefill).
+
+``choose_path`` decides from shapes alone; ``benchmarks/experts_cpu.py`` measures both.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import experts_cpu_fused
 from .experts_ref import check_experts_args, expert_mlp
+
+_TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
+
+# Largest expected rows per expert (T * k / E) for which the fused kernel is used. Measured on
+# AVX2 (benchmarks/experts_cpu.py --crossover): fp32 MKL GEMM overtakes it past ~FUSED_MAX_ROWS
+# rows per expert; bf16/fp16 GEMM without native support stays slower much longer.
+FUSED_MAX_ROWS = {torch.float32: 8.0, torch.bfloat16: 32.0, torch.float16: 32.0}
+# Below this many multiply-adds per call the kernel runs on one thread: waking the others
+# costs more than it saves (the shipped model's layer at batch 1 is 0.2 M).
+SINGLE_THREAD_MACS = 2_000_000
+
+
+def expert_sizes(layout: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor | None) -> tuple[int, int]:
+    """(hidden size H, intermediate size I) of the experts, with the weights' shapes checked."""
+    if any(w is not None and w.dim() != 3 for w in (w_gate_up, w_up, w_down)):
+        raise ValueError(f"expert weights must be 3-D [E, ., .], got {[tuple(w.shape) for w in (w_gate_up, w_up, w_down) if w is not None]}")
+    num_experts = w_gate_up.shape[0]
+    if layout in _TRANSPOSED:
+        hidden_size, width = w_gate_up.shape[1], w_gate_up.shape[2]
+    else:
+        width, hidden_size = w_gate_up.shape[1], w_gate_up.shape[2]
+    split = layout == "gate_up_split"
+    if not split and width % 2:
+        raise ValueError(f"layout {layout!r} needs an even gate_up width, got {tuple(w_gate_up.shape)}")
+    inter_size = width if split else width // 2
+    if split and w_up.shape != w_gate_up.shape:
+        raise ValueError(f"w_up must have w_gate_up's shape {tuple(w_gate_up.shape)}, got {tuple(w_up.shape)}")
+    down_shape = (num_experts, inter_size, hidden_size) if layout in _TRANSPOSED else (num_experts, hidden_size, inter_size)
+    if tuple(w_down.shape) != down_shape:
+        raise ValueError(f"layout {layout!r}: w_down must be {down_shape}, got {tuple(w_down.shape)}")
+    return hidden_size, inter_size
+
+
+def check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size) -> None:
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a float [T, {hidden_size}] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32/int64 [T, k] with T = {hidden.shape[0]}, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids {tuple(topk_ids.shape)}")
+    num_experts = w_gate_up.shape[0]
+    if b_gate_up is not None and tuple(b_gate_up.shape) != (num_experts, 2 * inter_size):
+        raise ValueError(f"b_gate_up must be {(num_experts, 2 * inter_size)}, got {tuple(b_gate_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (num_experts, hidden_size):
+        raise ValueError(f"b_down must be {(num_experts, hidden_size)}, got {tuple(b_down.shape)}")
+
+
+def choose_path(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, unsupported: str | None = None) -> str:
+    """``"fused"`` or ``"grouped_mm"`` for a call with these shapes (``unsupported``: why the
+    fused kernel cannot take the tensors, see ``experts_cpu_fused.supported``)."""
+    if unsupported is not None or experts_cpu_fused.kernel() is None:
+        return "grouped_mm"
+    rows_per_expert = num_tokens * top_k / num_experts
+    return "fused" if rows_per_expert <= FUSED_MAX_ROWS.get(dtype, 0.0) else "grouped_mm"
+
+
+def grouped_experts_cpu(
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+    activation, layout, activation_args, path: str | None = None,
+) -> torch.Tensor:
+    """The op's CPU kernel. ``path`` forces ``"fused"`` or ``"grouped_mm"`` (tests, benchmarks)."""
+    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
+    hidden_size, inter_size = expert_sizes(layout, w_gate_up, w_down, w_up)
+    check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
+    num_tokens, top_k = topk_ids.shape
+    unsupported = experts_cpu_fused.supported(hidden, w_gate_up, w_down, w_up, b_gate_up, b_down, layout)
+    if path is None:
+        path = choose_path(num_tokens, top_k, w_gate_up.shape[0], w_gate_up.dtype, unsupported)
+    elif path == "fused" and (unsupported or experts_cpu_fused.kernel() is None):
+        raise ValueError(f"the fused CPU experts kernel cannot run here: {unsupported or experts_cpu_fused.build_error}")
+    if path == "fused":
+        macs = num_tokens * top_k * 3 * hidden_size * inter_size
+        threads = 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
+        return experts_cpu_fused.fused_experts(
+            experts_cpu_fused.kernel(), hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+            activation, layout, activation_args, inter_size, threads)
+    if path != "grouped_mm":
+        raise ValueError(f"unknown CPU experts path {path!r}; valid: fused, grouped_mm")
+    return grouped_mm_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+                              activation, layout, activation_args)
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -36,11 +125,11 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor)
     return out
 
 
-def grouped_experts_cpu(
+def grouped_mm_experts(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
     activation, layout, activation_args,
 ) -> torch.Tensor:
-    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
+    """Rows grouped by expert, one grouped GEMM per projection, in the weights' dtype."""
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert

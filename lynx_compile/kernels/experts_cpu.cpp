@@ -1,0 +1,428 @@
+// Grouped gated-MLP experts on CPU, built for decode: one call per MoE layer, every active
+// expert's weights streamed from memory once, fp32 accumulation.
+//
+// Compiled at first use by Inductor's C++ code cache (experts_cpu_fused.py), with the vector ISA
+// Inductor picks for this machine (at::vec: AVX2, AVX512, NEON, SVE, or scalar).
+//
+//   0. (serial)   counting sort of the T*k (token, slot) pairs by expert; ids are checked here;
+//   1. gate_up    items = (active expert, block of I): gate and up columns for all the expert's
+//                 rows, + bias, act(gate) * up, into A[pair sorted by expert, I] (fp32);
+//   2. down       items = (active expert, block of H): A rows @ W_down, + bias, into Y[pair, H];
+//   3. sum        out[t] = sum_j w[t, j] * Y[(t, j)], j = 0..k-1 in order (the reference's order),
+//                 cast to the output dtype.
+// One OpenMP region, the phases separated by barriers; items are taken dynamically so a core
+// slowed by another process does not hold the others at the barrier.
+//
+// Projections y = x @ M with M the logical [in, out] matrix of one expert, element (e, i, o) at
+// base[e * se + i * si + o * so]. Weights in nn.Linear layout have si == 1: each output column
+// is a dot product along a contiguous weight row ("dot" kernel: NB weight rows x RB input rows
+// of accumulators, reduced across lanes at the end). Transposed weights have so == 1: each
+// input element scales a contiguous weight row ("axpy" kernel: RB input rows x CV vectors of
+// output columns). Both walk K in chunks small enough that the weight chunk and the input rows
+// stay in L1 while every input row of the expert passes over them, so the weights leave memory
+// once however many rows the expert has. A row's result never depends on which other rows are
+// present (each accumulator sums its own row in a fixed order).
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace lynx_experts {
+
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+constexpr int64_t V = fVec::size();
+
+#ifndef LYNX_DOT_NB
+#define LYNX_DOT_NB 4
+#endif
+#ifndef LYNX_DOT_RB
+#define LYNX_DOT_RB 2
+#endif
+constexpr int DOT_NB = LYNX_DOT_NB;  // weight rows per dot tile
+constexpr int DOT_RB = LYNX_DOT_RB;  // input rows per dot tile
+constexpr int AXPY_CV = 4;           // output vectors per axpy tile
+constexpr int AXPY_RB = 2;           // input rows per axpy tile
+constexpr int64_t DOT_KC = 512;      // K chunk (elements) of the dot kernel
+constexpr int64_t AXPY_KC = 128;     // K chunk (weight rows) of the axpy kernel
+constexpr int64_t GATE_BLOCK = 16;   // I columns per gate_up item (x2 weight columns: gate and up)
+constexpr int64_t DOWN_BLOCK = 32;   // H columns per down item
+
+enum Dtype : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
+enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, SWIGLU_OAI = 4 };
+
+template <typename T>
+inline fVec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p);
+  } else {
+    fVec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+struct Mat {  // one projection's weights, in elements
+  const void* base;
+  int64_t se, si, so;
+};
+
+// ---- dot kernel (si == 1) -------------------------------------------------------------------
+
+template <typename T, int NB, int RB>
+inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64_t k1, fVec* acc) {
+  fVec a[RB][NB];
+  for (int j = 0; j < RB; j++)
+    for (int i = 0; i < NB; i++) a[j][i] = acc[j * NB + i];
+  for (int64_t k = k0; k < k1; k += V) {
+    fVec wv[NB];
+    for (int i = 0; i < NB; i++) wv[i] = load_f<T>(w[i] + k);
+    for (int j = 0; j < RB; j++) {
+      fVec xv = fVec::loadu(x[j] + k);
+      for (int i = 0; i < NB; i++) a[j][i] = at::vec::fmadd(wv[i], xv, a[j][i]);
+    }
+  }
+  for (int j = 0; j < RB; j++)
+    for (int i = 0; i < NB; i++) acc[j * NB + i] = a[j][i];
+}
+
+// out[r * ldo + i] = dot(w[i], x[r]) for NB weight rows and R input rows of length K.
+template <typename T, int NB>
+void dot_group(const T* const* w, const float* const* x, int64_t R, int64_t K, std::vector<fVec>& acc_buf,
+               float* out, int64_t ldo) {
+  constexpr int RB = NB == 1 ? 4 : DOT_RB;
+  const int64_t kv = K - K % V;
+  acc_buf.resize(std::max<size_t>(acc_buf.size(), R * NB));
+  fVec* acc = acc_buf.data();
+  std::fill(acc, acc + R * NB, fVec(0.f));
+  for (int64_t k0 = 0; k0 < kv; k0 += DOT_KC) {
+    const int64_t k1 = std::min(kv, k0 + DOT_KC);
+    int64_t r = 0;
+    for (; r + RB <= R; r += RB) dot_tile<T, NB, RB>(w, x + r, k0, k1, acc + r * NB);
+    for (; r < R; r++) dot_tile<T, NB, 1>(w, x + r, k0, k1, acc + r * NB);
+  }
+  for (int64_t r = 0; r < R; r++) {
+    for (int i = 0; i < NB; i++) {
+      float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[r * NB + i]);
+      for (int64_t k = kv; k < K; k++) s += static_cast<float>(w[i][k]) * x[r][k];
+      out[r * ldo + i] = s;
+    }
+  }
+}
+
+// ---- axpy kernel (so == 1) ------------------------------------------------------------------
+
+template <typename T, int CV, int RB>
+inline void axpy_tile(const T* w, int64_t si, const float* const* x, int64_t k0, int64_t k1, fVec* acc) {
+  fVec a[RB][CV];
+  for (int j = 0; j < RB; j++)
+    for (int c = 0; c < CV; c++) a[j][c] = acc[j * CV + c];
+  for (int64_t k = k0; k < k1; k++) {
+    const T* row = w + k * si;
+    fVec wv[CV];
+    for (int c = 0; c < CV; c++) wv[c] = load_f<T>(row + c * V);
+    for (int j = 0; j < RB; j++) {
+      fVec xb(x[j][k]);
+      for (int c = 0; c < CV; c++) a[j][c] = at::vec::fmadd(xb, wv[c], a[j][c]);
+    }
+  }
+  for (int j = 0; j < RB; j++)
+    for (int c = 0; c < CV; c++) acc[j * CV + c] = a[j][c];
+}
+
+// out[r * ldo + c] = sum_k x[r][k] * w[k * si + c] for CV * V columns.
+template <typename T, int CV>
+void axpy_group(const T* w, int64_t si, const float* const* x, int64_t R, int64_t K, std::vector<fVec>& acc_buf,
+                float* out, int64_t ldo) {
+  acc_buf.resize(std::max<size_t>(acc_buf.size(), R * CV));
+  fVec* acc = acc_buf.data();
+  std::fill(acc, acc + R * CV, fVec(0.f));
+  for (int64_t k0 = 0; k0 < K; k0 += AXPY_KC) {
+    const int64_t k1 = std::min(K, k0 + AXPY_KC);
+    int64_t r = 0;
+    for (; r + AXPY_RB <= R; r += AXPY_RB) axpy_tile<T, CV, AXPY_RB>(w, si, x + r, k0, k1, acc + r * CV);
+    for (; r < R; r++) axpy_tile<T, CV, 1>(w, si, x + r, k0, k1, acc + r * CV);
+  }
+  for (int64_t r = 0; r < R; r++)
+    for (int c = 0; c < CV; c++) acc[r * CV + c].store(out + r * ldo + c * V);
+}
+
+// ---- one projection: out[r * ldo + c] = (x[r] @ M_e)[c0 + c], c < nc --------------------------
+
+template <typename T>
+void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const float* const* x, int64_t R,
+             float* out, int64_t ldo, std::vector<fVec>& acc) {
+  const T* base = static_cast<const T*>(m.base) + e * m.se;
+  int64_t c = 0;
+  if (m.si == 1) {
+    for (; c + DOT_NB <= nc; c += DOT_NB) {
+      const T* w[DOT_NB];
+      for (int i = 0; i < DOT_NB; i++) w[i] = base + (c0 + c + i) * m.so;
+      dot_group<T, DOT_NB>(w, x, R, K, acc, out + c, ldo);
+    }
+    for (; c < nc; c++) {
+      const T* w[1] = {base + (c0 + c) * m.so};
+      dot_group<T, 1>(w, x, R, K, acc, out + c, ldo);
+    }
+    return;
+  }
+  const T* w = base + c0;  // so == 1
+  for (; c + AXPY_CV * V <= nc; c += AXPY_CV * V) axpy_group<T, AXPY_CV>(w + c, m.si, x, R, K, acc, out + c, ldo);
+  for (; c + V <= nc; c += V) axpy_group<T, 1>(w + c, m.si, x, R, K, acc, out + c, ldo);
+  for (; c < nc; c++) {  // column tail
+    for (int64_t r = 0; r < R; r++) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; k++) s += x[r][k] * static_cast<float>(w[k * m.si + c]);
+      out[r * ldo + c] = s;
+    }
+  }
+}
+
+// ---- activation ----------------------------------------------------------------------------
+
+inline float act_scalar(float g, float u, int64_t act, float alpha, float limit) {
+  switch (act) {
+    case SILU: return g / (1.f + std::exp(-g)) * u;
+    case GELU: return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f)) * u;
+    case GELU_TANH: {
+      const float inner = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+      return 0.5f * g * (1.f + std::tanh(inner)) * u;
+    }
+    case RELU: return (g > 0.f ? g : 0.f) * u;
+    default: {  // SWIGLU_OAI
+      g = std::min(g, limit);
+      u = std::min(std::max(u, -limit), limit);
+      return (u + 1.f) * (g / (1.f + std::exp(-g * alpha)));
+    }
+  }
+}
+
+// gate[i] <- act(gate[i]) * up[i]; silu (the common case) vectorised.
+inline void activate(float* gate, const float* up, int64_t n, int64_t act, float alpha, float limit) {
+  int64_t i = 0;
+  if (act == SILU) {
+    const fVec one(1.f);
+    for (; i + V <= n; i += V) {
+      fVec g = fVec::loadu(gate + i);
+      fVec s = one / (one + g.neg().exp_u20());
+      (g * s * fVec::loadu(up + i)).store(gate + i);
+    }
+  }
+  for (; i < n; i++) gate[i] = act_scalar(gate[i], up[i], act, alpha, limit);
+}
+
+// ---- the layer -----------------------------------------------------------------------------
+
+struct Args {
+  int64_t T, H, I, k, E;
+  const void* hidden;
+  int64_t hidden_ld, hidden_dtype;
+  const int64_t* ids;
+  const float* routed;
+  Mat gate, up, down;
+  int64_t gate_off, up_off, interleaved;  // gate column j of M_gate is gate_off + j (or 2j)
+  const void* b_gate_up;                  // [E, 2I] over M_gate's columns, or null
+  int64_t b_gate_up_se, b_gate_up_sc;
+  const void* b_down;                     // [E, H], or null
+  int64_t b_down_se, b_down_sc;
+  int64_t act;
+  float alpha, limit;
+  void* out;
+  int64_t out_dtype;
+  int64_t threads;
+};
+
+template <typename T>
+inline float bias_at(const void* b, int64_t se, int64_t sc, int64_t e, int64_t c) {
+  return static_cast<float>(static_cast<const T*>(b)[e * se + c * sc]);
+}
+
+template <typename S>
+void hidden_to_f32(const Args& a, int64_t t, float* dst) {
+  const S* src = static_cast<const S*>(a.hidden) + t * a.hidden_ld;
+  for (int64_t h = 0; h < a.H; h++) dst[h] = static_cast<float>(src[h]);
+}
+
+template <typename S>
+void store_row(const float* src, void* out, int64_t t, int64_t H) {
+  S* dst = static_cast<S*>(out) + t * H;
+  for (int64_t h = 0; h < H; h++) dst[h] = static_cast<S>(src[h]);
+}
+
+struct Thread {  // per-thread scratch, kept across calls
+  std::vector<fVec> acc;
+  std::vector<float> gate, up, row;
+  std::vector<const float*> rows;
+};
+
+template <typename T>
+void run(const Args& a) {
+  const int64_t P = a.T * a.k, H = a.H, I = a.I;
+  // 0. counting sort of the pairs by expert
+  // thread_local: the scratch of the calling thread, kept across calls. The parallel region
+  // below must reach it through these plain pointers (a thread_local named inside the region
+  // would be each worker's own copy).
+  thread_local std::vector<int64_t> count_v, order_v, slot_pos_v, active_v, start_v;
+  thread_local std::vector<float> X_v, A_v, Y_v;
+  count_v.assign(a.E + 1, 0);
+  int64_t* count = count_v.data();
+  for (int64_t p = 0; p < P; p++) {
+    const int64_t e = a.ids[p];
+    if (e < 0 || e >= a.E)
+      throw std::runtime_error("expert id " + std::to_string(e) + " out of range [0, " + std::to_string(a.E) + ")");
+    count[e + 1]++;
+  }
+  active_v.clear();
+  start_v.clear();
+  for (int64_t e = 0; e < a.E; e++) {
+    if (count[e + 1]) {
+      active_v.push_back(e);
+      start_v.push_back(count[e]);
+    }
+    count[e + 1] += count[e];
+  }
+  start_v.push_back(P);
+  order_v.resize(P);
+  slot_pos_v.resize(P);
+  int64_t* order = order_v.data();
+  int64_t* slot_pos = slot_pos_v.data();
+  for (int64_t p = 0; p < P; p++) {
+    const int64_t pos = count[a.ids[p]]++;
+    order[pos] = p;
+    slot_pos[p] = pos;
+  }
+  const int64_t* active = active_v.data();
+  const int64_t* start = start_v.data();
+  const int64_t num_active = static_cast<int64_t>(active_v.size());
+
+  const bool direct_x = a.hidden_dtype == F32;
+  if (!direct_x) X_v.resize(a.T * H);
+  A_v.resize(P * I);
+  Y_v.resize(P * H);
+  float* X = X_v.data();
+  float* A = A_v.data();
+  float* Y = Y_v.data();
+  const int64_t gate_blocks = (I + GATE_BLOCK - 1) / GATE_BLOCK;
+  const int64_t down_blocks = (H + DOWN_BLOCK - 1) / DOWN_BLOCK;
+  const float* x_base = direct_x ? static_cast<const float*>(a.hidden) : X;
+  const int64_t x_ld = direct_x ? a.hidden_ld : H;
+
+#pragma omp parallel num_threads(a.threads)
+  {
+    static thread_local Thread th;
+    if (!direct_x) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < a.T; t++) {
+        if (a.hidden_dtype == BF16) hidden_to_f32<c10::BFloat16>(a, t, X + t * H);
+        else hidden_to_f32<c10::Half>(a, t, X + t * H);
+      }
+    }
+    // 1. gate_up + activation
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_active * gate_blocks; item++) {
+      const int64_t ai = item / gate_blocks, j0 = (item % gate_blocks) * GATE_BLOCK;
+      const int64_t e = active[ai], s0 = start[ai], R = start[ai + 1] - s0;
+      const int64_t nj = std::min(GATE_BLOCK, I - j0);
+      th.rows.resize(R);
+      for (int64_t r = 0; r < R; r++) th.rows[r] = x_base + (order[s0 + r] / a.k) * x_ld;
+      th.gate.resize(R * 2 * nj);
+      th.up.resize(R * nj);
+      int64_t ld = nj;
+      float* gate = th.gate.data();
+      float* up = th.up.data();
+      if (a.interleaved) {  // gate and up alternate: one contiguous block of 2 * nj columns
+        project<T>(a.gate, e, H, a.gate_off + 2 * j0, 2 * nj, th.rows.data(), R, gate, 2 * nj, th.acc);
+        for (int64_t r = 0; r < R; r++)
+          for (int64_t j = 0; j < nj; j++) {
+            up[r * nj + j] = gate[r * 2 * nj + 2 * j + 1];
+            gate[r * nj + j] = gate[r * 2 * nj + 2 * j];  // in place: index r*nj+j <= r*2nj+2j
+          }
+      } else {
+        project<T>(a.gate, e, H, a.gate_off + j0, nj, th.rows.data(), R, gate, ld, th.acc);
+        project<T>(a.up, e, H, a.up_off + j0, nj, th.rows.data(), R, up, ld, th.acc);
+      }
+      if (a.b_gate_up) {
+        const int64_t step = a.interleaved ? 2 : 1;
+        for (int64_t j = 0; j < nj; j++) {
+          const float bg = bias_at<T>(a.b_gate_up, a.b_gate_up_se, a.b_gate_up_sc, e, a.gate_off + step * (j0 + j));
+          const float bu = bias_at<T>(a.b_gate_up, a.b_gate_up_se, a.b_gate_up_sc, e,
+                                      a.interleaved ? a.gate_off + 2 * (j0 + j) + 1 : a.up_off + j0 + j);
+          for (int64_t r = 0; r < R; r++) {
+            gate[r * ld + j] += bg;
+            up[r * ld + j] += bu;
+          }
+        }
+      }
+      for (int64_t r = 0; r < R; r++) {
+        activate(gate + r * ld, up + r * ld, nj, a.act, a.alpha, a.limit);
+        std::copy(gate + r * ld, gate + r * ld + nj, A + (s0 + r) * I + j0);
+      }
+    }
+    // 2. down (+ bias)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_active * down_blocks; item++) {
+      const int64_t ai = item / down_blocks, h0 = (item % down_blocks) * DOWN_BLOCK;
+      const int64_t e = active[ai], s0 = start[ai], R = start[ai + 1] - s0;
+      const int64_t nh = std::min(DOWN_BLOCK, H - h0);
+      th.rows.resize(R);
+      for (int64_t r = 0; r < R; r++) th.rows[r] = A + (s0 + r) * I;
+      float* y = Y + s0 * H + h0;
+      project<T>(a.down, e, I, h0, nh, th.rows.data(), R, y, H, th.acc);
+      if (a.b_down)
+        for (int64_t r = 0; r < R; r++)
+          for (int64_t h = 0; h < nh; h++) y[r * H + h] += bias_at<T>(a.b_down, a.b_down_se, a.b_down_sc, e, h0 + h);
+    }
+    // 3. weighted sum over the slots, in slot order
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < a.T; t++) {
+      th.row.resize(H);
+      float* acc = th.row.data();
+      for (int64_t j = 0; j < a.k; j++) {
+        const float w = a.routed[t * a.k + j];
+        const float* y = Y + slot_pos[t * a.k + j] * H;
+        int64_t h = 0;
+        const fVec wv(w);
+        if (j == 0) {
+          for (; h + V <= H; h += V) (wv * fVec::loadu(y + h)).store(acc + h);
+          for (; h < H; h++) acc[h] = w * y[h];
+        } else {
+          for (; h + V <= H; h += V) (fVec::loadu(acc + h) + wv * fVec::loadu(y + h)).store(acc + h);
+          for (; h < H; h++) acc[h] = acc[h] + w * y[h];
+        }
+      }
+      if (a.out_dtype == F32) store_row<float>(acc, a.out, t, H);
+      else if (a.out_dtype == BF16) store_row<c10::BFloat16>(acc, a.out, t, H);
+      else store_row<c10::Half>(acc, a.out, t, H);
+    }
+  }
+}
+
+}  // namespace lynx_experts
+
+// Entry point (Inductor's Python binding calls kernel(...)). Tensors arrive as data pointers.
+void kernel(const void* hidden, const int64_t* ids, const float* routed, const void* w_gate, const void* w_up,
+            const void* w_down, const void* b_gate_up, const void* b_down, void* out,
+            int64_t T, int64_t H, int64_t I, int64_t k, int64_t E, int64_t hidden_ld, int64_t hidden_dtype,
+            int64_t weight_dtype, int64_t gate_se, int64_t gate_si, int64_t gate_so, int64_t gate_off,
+            int64_t up_se, int64_t up_si, int64_t up_so, int64_t up_off, int64_t interleaved,
+            int64_t down_se, int64_t down_si, int64_t down_so, int64_t has_b_gate_up, int64_t b_gate_up_se,
+            int64_t b_gate_up_sc, int64_t has_b_down, int64_t b_down_se, int64_t b_down_sc, int64_t act,
+            float alpha, float limit, int64_t threads) {
+  using namespace lynx_experts;
+  Args a{T, H, I, k, E, hidden, hidden_ld, hidden_dtype, ids, routed,
+         Mat{w_gate, gate_se, gate_si, gate_so}, Mat{w_up, up_se, up_si, up_so}, Mat{w_down, down_se, down_si, down_so},
+         gate_off, up_off, interleaved, has_b_gate_up ? b_gate_up : nullptr, b_gate_up_se, b_gate_up_sc,
+         has_b_down ? b_down : nullptr, b_down_se, b_down_sc, act, alpha, limit, out, hidden_dtype,
+         std::max<int64_t>(threads, 1)};
+  if (T == 0) return;
+  if (weight_dtype == F32) run<float>(a);
+  else if (weight_dtype == BF16) run<c10::BFloat16>(a);
+  else run<c10::Half>(a);
+}
