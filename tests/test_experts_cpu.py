@@ -142,12 +142,14 @@ def test_fused_reads_only_used_experts(fused):
         assert torch.isfinite(out).all()
 
 
-def test_fused_rows_do_not_depend_on_other_rows_or_threads(fused):
-    w = make_experts("gate_up_concat", 8, 600, 64, torch.float32)
+@pytest.mark.parametrize("inter_size", [64, 37])
+def test_fused_rows_do_not_depend_on_other_rows_or_threads(fused, inter_size):
+    w = make_experts("gate_up_concat", 8, 600, inter_size, torch.float32)
     ids, weights = routing(16, 8, 4, seed=4)
     hidden = torch.randn(16, 600)
     run = experts_cpu_fused.kernel()
-    args = ("silu", "gate_up_concat", [], 64)
+    geometry = experts_cpu_fused.weight_geometry(*w, "gate_up_concat", inter_size)
+    args = (geometry, "silu", [], inter_size)
     full = experts_cpu_fused.fused_experts(run, hidden, ids, weights, *w, *args, threads=2)
     alone = experts_cpu_fused.fused_experts(run, hidden[5:6], ids[5:6], weights[5:6], *w, *args, threads=1)
     one_thread = experts_cpu_fused.fused_experts(run, hidden, ids, weights, *w, *args, threads=1)
@@ -207,8 +209,8 @@ def test_unsupported_tensors_take_grouped_mm(fused):
     _, w_down, *_ = make_experts("gate_up_concat", 6, 44, 20, torch.float32)
     no_unit_stride = torch.randn(6, 40, 88)[:, :, ::2]  # neither matrix dimension contiguous
     hidden, ids, weights = torch.randn(2, 44), torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2)
-    reason = experts_cpu_fused.supported(hidden, no_unit_stride, w_down, None, None, None, "gate_up_concat")
-    assert reason is not None and choose_path(1, 2, 6, torch.float32, reason) == "grouped_mm"
+    reason = experts_cpu_fused.weight_geometry(no_unit_stride, w_down, None, None, None, "gate_up_concat", 20)
+    assert isinstance(reason, str) and choose_path(1, 2, 6, torch.float32, reason) == "grouped_mm"
     check(None, hidden, ids, weights, (no_unit_stride, w_down, None, None, None), "silu", "gate_up_concat", [])
     with pytest.raises(ValueError, match="cannot run here"):
         grouped_experts_cpu(hidden, ids, weights, no_unit_stride, w_down, None, None, None, "silu", "gate_up_concat", [],

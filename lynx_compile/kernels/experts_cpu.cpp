@@ -43,13 +43,21 @@ constexpr int64_t V = fVec::size();
 #ifndef LYNX_DOT_NB
 #define LYNX_DOT_NB 4
 #endif
+#ifndef LYNX_DOT_NB1
+#define LYNX_DOT_NB1 8
+#endif
 #ifndef LYNX_DOT_RB
 #define LYNX_DOT_RB 2
 #endif
 constexpr int DOT_NB = LYNX_DOT_NB;  // weight rows per dot tile
 constexpr int DOT_RB = LYNX_DOT_RB;  // input rows per dot tile
+constexpr int DOT_NB1 = LYNX_DOT_NB1;  // weight rows per dot tile for a single input row
 constexpr int AXPY_CV = 4;           // output vectors per axpy tile
 constexpr int AXPY_RB = 2;           // input rows per axpy tile
+#ifndef LYNX_DOT_PREFETCH
+#define LYNX_DOT_PREFETCH 1024
+#endif
+constexpr int64_t DOT_PREFETCH = LYNX_DOT_PREFETCH;  // bytes ahead in each weight row
 constexpr int64_t DOT_KC = 512;      // K chunk (elements) of the dot kernel
 constexpr int64_t AXPY_KC = 128;     // K chunk (weight rows) of the axpy kernel
 constexpr int64_t GATE_BLOCK = 16;   // I columns per gate_up item (x2 weight columns: gate and up)
@@ -83,7 +91,10 @@ inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64
     for (int i = 0; i < NB; i++) a[j][i] = acc[j * NB + i];
   for (int64_t k = k0; k < k1; k += V) {
     fVec wv[NB];
-    for (int i = 0; i < NB; i++) wv[i] = load_f<T>(w[i] + k);
+    for (int i = 0; i < NB; i++) {
+      if constexpr (DOT_PREFETCH > 0) __builtin_prefetch(w[i] + k + DOT_PREFETCH / sizeof(T));
+      wv[i] = load_f<T>(w[i] + k);
+    }
     for (int j = 0; j < RB; j++) {
       fVec xv = fVec::loadu(x[j] + k);
       for (int i = 0; i < NB; i++) a[j][i] = at::vec::fmadd(wv[i], xv, a[j][i]);
@@ -93,11 +104,38 @@ inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64
     for (int i = 0; i < NB; i++) acc[j * NB + i] = a[j][i];
 }
 
-// out[r * ldo + i] = dot(w[i], x[r]) for NB weight rows and R input rows of length K.
-template <typename T, int NB>
+// The last rows < RB of an expert: one tile of exactly that many rows.
+template <typename T, int NB, int RB>
+inline void dot_tail(const T* const* w, const float* const* x, int64_t rows, int64_t k0, int64_t k1, fVec* acc) {
+  if constexpr (RB >= 1) {
+    if (rows == RB) dot_tile<T, NB, RB>(w, x, k0, k1, acc);
+    else dot_tail<T, NB, RB - 1>(w, x, rows, k0, k1, acc);
+  }
+}
+
+// Lane sums of n accumulators into out[0..n), every lane summed in the same order whatever n
+// is (so a row's result does not depend on the tile shape its expert's row count chose).
+// AVX2: four at a time with horizontal adds, a remainder padded with zeros.
+inline void reduce_lanes(const fVec* acc, int n, float* out) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  for (int i = 0; i < n; i += 4) {
+    __m256 a[4];
+    for (int j = 0; j < 4; j++) a[j] = i + j < n ? __m256(acc[i + j]) : _mm256_setzero_ps();
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    for (int j = 0; j < 4 && i + j < n; j++) out[i + j] = sums[j];
+  }
+#else
+  for (int i = 0; i < n; i++) out[i] = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[i]);
+#endif
+}
+
+// out[r * ldo + i] = dot(w[i], x[r]) for NB weight rows and R input rows of length K, in tiles
+// of NB weight rows x RB input rows.
+template <typename T, int NB, int RB>
 void dot_group(const T* const* w, const float* const* x, int64_t R, int64_t K, std::vector<fVec>& acc_buf,
                float* out, int64_t ldo) {
-  constexpr int RB = NB == 1 ? 4 : DOT_RB;
   const int64_t kv = K - K % V;
   acc_buf.resize(std::max<size_t>(acc_buf.size(), R * NB));
   fVec* acc = acc_buf.data();
@@ -106,14 +144,34 @@ void dot_group(const T* const* w, const float* const* x, int64_t R, int64_t K, s
     const int64_t k1 = std::min(kv, k0 + DOT_KC);
     int64_t r = 0;
     for (; r + RB <= R; r += RB) dot_tile<T, NB, RB>(w, x + r, k0, k1, acc + r * NB);
-    for (; r < R; r++) dot_tile<T, NB, 1>(w, x + r, k0, k1, acc + r * NB);
+    if (r < R) dot_tail<T, NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB);
   }
+  // acc holds, for each tile of rows [r, r + rb), rb x NB accumulators in row-major order:
+  // the accumulator of (row r + j, weight row i) is acc[(r + j) * NB + i] either way.
+  float sums[NB];
   for (int64_t r = 0; r < R; r++) {
+    reduce_lanes(acc + r * NB, NB, sums);
     for (int i = 0; i < NB; i++) {
-      float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[r * NB + i]);
+      float s = sums[i];
       for (int64_t k = kv; k < K; k++) s += static_cast<float>(w[i][k]) * x[r][k];
       out[r * ldo + i] = s;
     }
+  }
+}
+
+// Columns [c0, c0 + nc) of M (si == 1: column c is the contiguous weight row base + c * so).
+template <typename T, int NB, int RB>
+void dot_columns(const T* base, int64_t so, int64_t K, int64_t c0, int64_t nc, const float* const* x, int64_t R,
+                 float* out, int64_t ldo, std::vector<fVec>& acc) {
+  int64_t c = 0;
+  for (; c + NB <= nc; c += NB) {
+    const T* w[NB];
+    for (int i = 0; i < NB; i++) w[i] = base + (c0 + c + i) * so;
+    dot_group<T, NB, RB>(w, x, R, K, acc, out + c, ldo);
+  }
+  for (; c < nc; c++) {
+    const T* w[1] = {base + (c0 + c) * so};
+    dot_group<T, 1, 4>(w, x, R, K, acc, out + c, ldo);
   }
 }
 
@@ -160,20 +218,13 @@ template <typename T>
 void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const float* const* x, int64_t R,
              float* out, int64_t ldo, std::vector<fVec>& acc) {
   const T* base = static_cast<const T*>(m.base) + e * m.se;
-  int64_t c = 0;
-  if (m.si == 1) {
-    for (; c + DOT_NB <= nc; c += DOT_NB) {
-      const T* w[DOT_NB];
-      for (int i = 0; i < DOT_NB; i++) w[i] = base + (c0 + c + i) * m.so;
-      dot_group<T, DOT_NB>(w, x, R, K, acc, out + c, ldo);
-    }
-    for (; c < nc; c++) {
-      const T* w[1] = {base + (c0 + c) * m.so};
-      dot_group<T, 1>(w, x, R, K, acc, out + c, ldo);
-    }
+  if (m.si == 1) {  // one row: more weight rows in flight; more rows: reuse each weight load
+    if (R == 1) dot_columns<T, DOT_NB1, 1>(base, m.so, K, c0, nc, x, R, out, ldo, acc);
+    else dot_columns<T, DOT_NB, DOT_RB>(base, m.so, K, c0, nc, x, R, out, ldo, acc);
     return;
   }
   const T* w = base + c0;  // so == 1
+  int64_t c = 0;
   for (; c + AXPY_CV * V <= nc; c += AXPY_CV * V) axpy_group<T, AXPY_CV>(w + c, m.si, x, R, K, acc, out + c, ldo);
   for (; c + V <= nc; c += V) axpy_group<T, 1>(w + c, m.si, x, R, K, acc, out + c, ldo);
   for (; c < nc; c++) {  // column tail

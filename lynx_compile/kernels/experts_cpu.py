@@ -71,11 +71,10 @@ def check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, h
 
 def choose_path(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, unsupported: str | None = None) -> str:
     """``"fused"`` or ``"grouped_mm"`` for a call with these shapes (``unsupported``: why the
-    fused kernel cannot take the tensors, see ``experts_cpu_fused.supported``)."""
+    fused kernel cannot take the tensors, see ``experts_cpu_fused.weight_geometry``)."""
     if unsupported is not None or experts_cpu_fused.kernel() is None:
         return "grouped_mm"
-    rows_per_expert = num_tokens * top_k / num_experts
-    return "fused" if rows_per_expert <= FUSED_MAX_ROWS.get(dtype, 0.0) else "grouped_mm"
+    return "fused" if num_tokens * top_k <= FUSED_MAX_ROWS.get(dtype, 0.0) * num_experts else "grouped_mm"
 
 
 def grouped_experts_cpu(
@@ -87,7 +86,10 @@ def grouped_experts_cpu(
     hidden_size, inter_size = expert_sizes(layout, w_gate_up, w_down, w_up)
     check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
     num_tokens, top_k = topk_ids.shape
-    unsupported = experts_cpu_fused.supported(hidden, w_gate_up, w_down, w_up, b_gate_up, b_down, layout)
+    geometry = experts_cpu_fused.weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout, inter_size)
+    if isinstance(geometry, tuple) and hidden.dtype not in experts_cpu_fused.DTYPE_CODES:
+        geometry = f"hidden dtype {hidden.dtype}"
+    unsupported = geometry if isinstance(geometry, str) else None
     if path is None:
         path = choose_path(num_tokens, top_k, w_gate_up.shape[0], w_gate_up.dtype, unsupported)
     elif path == "fused" and (unsupported or experts_cpu_fused.kernel() is None):
@@ -97,7 +99,7 @@ def grouped_experts_cpu(
         threads = 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
         return experts_cpu_fused.fused_experts(
             experts_cpu_fused.kernel(), hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-            activation, layout, activation_args, inter_size, threads)
+            geometry, activation, activation_args, inter_size, threads)
     if path != "grouped_mm":
         raise ValueError(f"unknown CPU experts path {path!r}; valid: fused, grouped_mm")
     return grouped_mm_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,

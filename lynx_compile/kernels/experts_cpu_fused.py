@@ -9,7 +9,6 @@ path. ``LYNX_CPU_FUSED_EXPERTS=0`` turns it off.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import warnings
@@ -32,10 +31,12 @@ _ARGTYPES = (
     + ["int64_t"] * 27 + ["float", "float", "int64_t"]
 )
 _lock = threading.Lock()
+_UNBUILT = object()
+_kernel: Callable | None | object = _UNBUILT
 build_error: str | None = None  # why the kernel is unavailable, once a build was tried
+TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
 
 
-@functools.cache
 def _build() -> Callable | None:
     global build_error
     if os.environ.get(DISABLE_ENV, "1") == "0":
@@ -46,52 +47,64 @@ def _build() -> Callable | None:
 
         return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, SOURCE.read_text())
     except Exception as e:  # no compiler, a compile error, an Inductor without this API
-        build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        message = str(e).strip()
+        build_error = f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
         warnings.warn(f"lynx: the fused CPU experts kernel could not be built ({build_error}); "
-                      "using the slower torch path", RuntimeWarning, stacklevel=3)
+                      "using the slower torch path", RuntimeWarning, stacklevel=4)
         return None
 
 
 def kernel() -> Callable | None:
-    """The built kernel, or None where it cannot be built (reason in ``build_error``)."""
-    with _lock:
-        return _build()
+    """The built kernel (built on the first call), or None where it cannot be built (reason in
+    ``build_error``)."""
+    global _kernel
+    if _kernel is _UNBUILT:
+        with _lock:
+            if _kernel is _UNBUILT:
+                _kernel = _build()
+    return _kernel  # type: ignore[return-value]
 
 
-def matrix(w: torch.Tensor, transposed: bool) -> tuple[int, int, int] | None:
+def _matrix(w: torch.Tensor, transposed: bool) -> tuple[int, int, int] | None:
     """(stride per expert, stride along in, stride along out) of ``y = x @ M`` for expert weights
     ``w`` ([E, in, out] if ``transposed`` else nn.Linear [E, out, in]); None where neither the in
     nor the out dimension is contiguous (the kernel streams one of them)."""
     se, s1, s2 = w.stride()
     si, so = (s1, s2) if transposed else (s2, s1)
-    return (se, si, so) if 1 in (si, so) else None
+    return (se, si, so) if si == 1 or so == 1 else None
 
 
-def supported(hidden, w_gate_up, w_down, w_up, b_gate_up, b_down, layout) -> str | None:
-    """Why the fused kernel cannot take these tensors, or None if it can."""
-    transposed = layout in ("gate_up_concat_t", "gate_up_interleaved_t")
-    weights = [w for w in (w_gate_up, w_down, w_up) if w is not None]
-    if w_gate_up.dtype not in DTYPE_CODES or any(w.dtype != w_gate_up.dtype for w in weights):
-        return f"weight dtypes {[w.dtype for w in weights]}"
-    if hidden.dtype not in DTYPE_CODES:
-        return f"hidden dtype {hidden.dtype}"
-    if any(b is not None and b.dtype != w_gate_up.dtype for b in (b_gate_up, b_down)):
-        return "bias dtype differs from the weights'"
-    if any(w.dim() != 3 or matrix(w, transposed) is None for w in weights):
+def weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout: str, inter_size: int) -> tuple[int, ...] | str:
+    """The kernel's weight arguments (dtype code, strides, offsets), or why it cannot take
+    these weights. Shapes must already be checked."""
+    dtype = w_gate_up.dtype
+    code = DTYPE_CODES.get(dtype)
+    if code is None or w_down.dtype != dtype or (w_up is not None and w_up.dtype != dtype):
+        return f"weight dtypes {w_gate_up.dtype}, {w_down.dtype}{', ' + str(w_up.dtype) if w_up is not None else ''}"
+    if w_gate_up.device.type != "cpu":
+        return "weights not on the CPU"
+    transposed = layout in TRANSPOSED
+    gate = _matrix(w_gate_up, transposed)
+    up = gate if w_up is None else _matrix(w_up, transposed)
+    down = _matrix(w_down, transposed)
+    if gate is None or up is None or down is None:
         return "a weight with neither matrix dimension contiguous"
-    if any(t.device.type != "cpu" for t in (hidden, *weights)):
-        return "not on the CPU"
-    return None
+    if (b_gate_up is not None and b_gate_up.dtype != dtype) or (b_down is not None and b_down.dtype != dtype):
+        return "bias dtype differs from the weights'"
+    interleaved = layout == "gate_up_interleaved_t"
+    up_off = 0 if w_up is not None else (1 if interleaved else inter_size)
+    bias_gate_up = (1, *b_gate_up.stride()) if b_gate_up is not None else (0, 0, 0)
+    bias_down = (1, *b_down.stride()) if b_down is not None else (0, 0, 0)
+    return (code, *gate, 0, *up, up_off, int(interleaved), *down, *bias_gate_up, *bias_down)
 
 
 def fused_experts(
     run: Callable, hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-    activation, layout, activation_args, inter_size: int, threads: int,
+    geometry: tuple[int, ...], activation: str, activation_args, inter_size: int, threads: int,
 ) -> torch.Tensor:
-    """One call of the kernel; arguments already checked (``supported``, shapes)."""
+    """One call of the kernel: shapes checked, ``geometry`` from ``weight_geometry``; ``hidden``
+    fp32, bf16 or fp16 on the CPU."""
     num_tokens, hidden_size = hidden.shape
-    num_experts = w_gate_up.shape[0]
-    transposed = layout in ("gate_up_concat_t", "gate_up_interleaved_t")
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     ids = topk_ids if topk_ids.dtype == torch.int64 and topk_ids.is_contiguous() else topk_ids.long().contiguous()
@@ -99,21 +112,13 @@ def fused_experts(
     if routed.dtype != torch.float32 or not routed.is_contiguous():
         routed = routed.float().contiguous()
     out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype)
-    gate = matrix(w_gate_up, transposed)
-    up = matrix(w_up, transposed) if w_up is not None else gate
-    down = matrix(w_down, transposed)
-    up_off = 0 if layout == "gate_up_split" else (1 if layout == "gate_up_interleaved_t" else inter_size)
-    bg = b_gate_up.stride() if b_gate_up is not None else (0, 0)
-    bd = b_down.stride() if b_down is not None else (0, 0)
     alpha, limit = activation_args if activation == "swiglu_oai" else (0.0, 0.0)
     try:
         run(
-            hidden, ids, routed, w_gate_up, w_up if w_up is not None else w_gate_up, w_down,
-            b_gate_up if b_gate_up is not None else w_gate_up, b_down if b_down is not None else w_gate_up, out,
-            num_tokens, hidden_size, inter_size, ids.shape[1], num_experts, hidden.stride(0), DTYPE_CODES[hidden.dtype],
-            DTYPE_CODES[w_gate_up.dtype], *gate, 0, *up, up_off, int(layout == "gate_up_interleaved_t"), *down,
-            int(b_gate_up is not None), *bg, int(b_down is not None), *bd, ACTIVATION_CODES[activation],
-            float(alpha), float(limit), threads,
+            hidden, ids, routed, w_gate_up, w_gate_up if w_up is None else w_up, w_down,
+            w_gate_up if b_gate_up is None else b_gate_up, w_gate_up if b_down is None else b_down, out,
+            num_tokens, hidden_size, inter_size, ids.shape[1], w_gate_up.shape[0], hidden.stride(0),
+            DTYPE_CODES[hidden.dtype], *geometry, ACTIVATION_CODES[activation], float(alpha), float(limit), threads,
         )
     except RuntimeError as e:  # the kernel's own checks (expert ids in range)
         raise ValueError(f"lynx::grouped_experts: {e}") from None
