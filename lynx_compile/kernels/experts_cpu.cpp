@@ -14,14 +14,17 @@
 // slowed by another process does not hold the others at the barrier.
 //
 // Projections y = x @ M with M the logical [in, out] matrix of one expert, element (e, i, o) at
-// base[e * se + i * si + o * so]. Weights in nn.Linear layout have si == 1: each output column
-// is a dot product along a contiguous weight row ("dot" kernel: NB weight rows x RB input rows
-// of accumulators, reduced across lanes at the end). Transposed weights have so == 1: each
-// input element scales a contiguous weight row ("axpy" kernel: RB input rows x CV vectors of
-// output columns). Both walk K in chunks small enough that the weight chunk and the input rows
-// stay in L1 while every input row of the expert passes over them, so the weights leave memory
-// once however many rows the expert has. A row's result never depends on which other rows are
-// present (each accumulator sums its own row in a fixed order).
+// base[e * se + i * si + o * so].
+// - nn.Linear layout (si == 1), "dot" kernel: each output column is a dot product along a
+//   contiguous weight row; tiles of NB weight rows x RB input rows of vector accumulators,
+//   reduced across lanes at the end; K walked in chunks that keep the weight rows' chunk and the
+//   input rows in L1 while every input row of the expert passes over them.
+// - transposed layouts (so == 1), "axpy" kernel: each input element scales a contiguous weight
+//   row segment; KB weight rows at a time, used by every input row while in L1, into fp32 sums
+//   held in a per-thread buffer.
+// Either way the weights leave memory once however many rows the expert has, and a row's
+// result never depends on which other rows are present (each sum runs in a fixed order).
+// Tunables (LYNX_DOT_*, LYNX_AXPY_*) were set by benchmarks/experts_cpu.py on AVX2.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <omp.h>
@@ -52,16 +55,23 @@ constexpr int64_t V = fVec::size();
 constexpr int DOT_NB = LYNX_DOT_NB;  // weight rows per dot tile
 constexpr int DOT_RB = LYNX_DOT_RB;  // input rows per dot tile
 constexpr int DOT_NB1 = LYNX_DOT_NB1;  // weight rows per dot tile for a single input row
-constexpr int AXPY_CV = 4;           // output vectors per axpy tile
-constexpr int AXPY_RB = 2;           // input rows per axpy tile
-#ifndef LYNX_DOT_PREFETCH
-#define LYNX_DOT_PREFETCH 1024
+#ifndef LYNX_AXPY_KB
+#define LYNX_AXPY_KB 4
 #endif
-constexpr int64_t DOT_PREFETCH = LYNX_DOT_PREFETCH;  // bytes ahead in each weight row
+#ifndef LYNX_AXPY_RB
+#define LYNX_AXPY_RB 2
+#endif
+constexpr int AXPY_KB = LYNX_AXPY_KB;  // weight rows per axpy step
+constexpr int AXPY_RB = LYNX_AXPY_RB;  // input rows per axpy step
 constexpr int64_t DOT_KC = 512;      // K chunk (elements) of the dot kernel
-constexpr int64_t AXPY_KC = 128;     // K chunk (weight rows) of the axpy kernel
-constexpr int64_t GATE_BLOCK = 16;   // I columns per gate_up item (x2 weight columns: gate and up)
-constexpr int64_t DOWN_BLOCK = 32;   // H columns per down item
+// Columns per item. Dot: I columns of gate_up (x2 weight rows: gate and up), H rows of down.
+// Axpy: wide, so that each weight row segment an item streams is long (4 KB in fp32): every
+// row starts a new page there, where hardware prefetchers stop.
+constexpr int64_t DOT_GATE_BLOCK = 16, DOT_DOWN_BLOCK = 32;
+#ifndef LYNX_AXPY_BLOCK
+#define LYNX_AXPY_BLOCK 1024
+#endif
+constexpr int64_t AXPY_GATE_BLOCK = LYNX_AXPY_BLOCK, AXPY_DOWN_BLOCK = LYNX_AXPY_BLOCK;
 
 enum Dtype : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
 enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, SWIGLU_OAI = 4 };
@@ -82,6 +92,12 @@ struct Mat {  // one projection's weights, in elements
   int64_t se, si, so;
 };
 
+struct Scratch {  // a thread's accumulators, kept across calls
+  std::vector<fVec> dot;
+  std::vector<float> axpy;
+  std::vector<float*> axpy_rows;
+};
+
 // ---- dot kernel (si == 1) -------------------------------------------------------------------
 
 template <typename T, int NB, int RB>
@@ -91,10 +107,7 @@ inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64
     for (int i = 0; i < NB; i++) a[j][i] = acc[j * NB + i];
   for (int64_t k = k0; k < k1; k += V) {
     fVec wv[NB];
-    for (int i = 0; i < NB; i++) {
-      if constexpr (DOT_PREFETCH > 0) __builtin_prefetch(w[i] + k + DOT_PREFETCH / sizeof(T));
-      wv[i] = load_f<T>(w[i] + k);
-    }
+    for (int i = 0; i < NB; i++) wv[i] = load_f<T>(w[i] + k);
     for (int j = 0; j < RB; j++) {
       fVec xv = fVec::loadu(x[j] + k);
       for (int i = 0; i < NB; i++) a[j][i] = at::vec::fmadd(wv[i], xv, a[j][i]);
@@ -177,63 +190,73 @@ void dot_columns(const T* base, int64_t so, int64_t K, int64_t c0, int64_t nc, c
 
 // ---- axpy kernel (so == 1) ------------------------------------------------------------------
 
-template <typename T, int CV, int RB>
-inline void axpy_tile(const T* w, int64_t si, const float* const* x, int64_t k0, int64_t k1, fVec* acc) {
-  fVec a[RB][CV];
+// acc[j][c] += sum_q x[j][k + q] * w[(k + q) * si + c] for KB weight rows, RB input rows and the
+// vectors of columns in [0, ncv * V): every weight vector is loaded once and used RB times; each
+// row's sum runs over k in order, whatever RB is.
+template <typename T, int KB, int RB>
+inline void axpy_rows(const T* w, int64_t si, const float* const* x, int64_t k, int64_t ncv, float* const* acc) {
+  fVec bx[RB][KB];
   for (int j = 0; j < RB; j++)
-    for (int c = 0; c < CV; c++) a[j][c] = acc[j * CV + c];
-  for (int64_t k = k0; k < k1; k++) {
-    const T* row = w + k * si;
-    fVec wv[CV];
-    for (int c = 0; c < CV; c++) wv[c] = load_f<T>(row + c * V);
+    for (int q = 0; q < KB; q++) bx[j][q] = fVec(x[j][k + q]);
+  const T* rows[KB];
+  for (int q = 0; q < KB; q++) rows[q] = w + (k + q) * si;
+  for (int64_t v = 0; v < ncv; v++) {
+    fVec wv[KB];
+    for (int q = 0; q < KB; q++) wv[q] = load_f<T>(rows[q] + v * V);
     for (int j = 0; j < RB; j++) {
-      fVec xb(x[j][k]);
-      for (int c = 0; c < CV; c++) a[j][c] = at::vec::fmadd(xb, wv[c], a[j][c]);
+      fVec a = fVec::loadu(acc[j] + v * V);
+      for (int q = 0; q < KB; q++) a = at::vec::fmadd(bx[j][q], wv[q], a);
+      a.store(acc[j] + v * V);
     }
   }
-  for (int j = 0; j < RB; j++)
-    for (int c = 0; c < CV; c++) acc[j * CV + c] = a[j][c];
 }
 
-// out[r * ldo + c] = sum_k x[r][k] * w[k * si + c] for CV * V columns.
-template <typename T, int CV>
-void axpy_group(const T* w, int64_t si, const float* const* x, int64_t R, int64_t K, std::vector<fVec>& acc_buf,
-                float* out, int64_t ldo) {
-  acc_buf.resize(std::max<size_t>(acc_buf.size(), R * CV));
-  fVec* acc = acc_buf.data();
-  std::fill(acc, acc + R * CV, fVec(0.f));
-  for (int64_t k0 = 0; k0 < K; k0 += AXPY_KC) {
-    const int64_t k1 = std::min(K, k0 + AXPY_KC);
+// out[r * ldo + c] = sum_k x[r][k] * w[k * si + c] for c < nc (weights [K, nc] with unit column
+// stride: transposed layouts). Streams each weight row segment once, AXPY_KB rows at a time,
+// with the fp32 sums of all R rows in a per-thread buffer.
+template <typename T>
+void axpy_columns(const T* w, int64_t si, const float* const* x, int64_t R, int64_t K, int64_t nc,
+                  Scratch& scratch, float* out, int64_t ldo) {
+  const int64_t ncv = nc / V;  // full vectors of columns; the rest below, scalar
+  const int64_t width = ncv * V;
+  scratch.axpy.resize(std::max<size_t>(scratch.axpy.size(), R * width));
+  std::fill(scratch.axpy.begin(), scratch.axpy.begin() + R * width, 0.f);
+  float* acc = scratch.axpy.data();
+  scratch.axpy_rows.resize(R);
+  for (int64_t r = 0; r < R; r++) scratch.axpy_rows[r] = acc + r * width;
+  float* const* rows = scratch.axpy_rows.data();
+  // k outer: the KB weight row segments stay in L1 while every input row uses them
+  auto step = [&](auto kb, int64_t k) {
+    constexpr int KB = decltype(kb)::value;
     int64_t r = 0;
-    for (; r + AXPY_RB <= R; r += AXPY_RB) axpy_tile<T, CV, AXPY_RB>(w, si, x + r, k0, k1, acc + r * CV);
-    for (; r < R; r++) axpy_tile<T, CV, 1>(w, si, x + r, k0, k1, acc + r * CV);
+    for (; r + AXPY_RB <= R; r += AXPY_RB) axpy_rows<T, KB, AXPY_RB>(w, si, x + r, k, ncv, rows + r);
+    for (; r < R; r++) axpy_rows<T, KB, 1>(w, si, x + r, k, ncv, rows + r);
+  };
+  int64_t k = 0;
+  for (; k + AXPY_KB <= K; k += AXPY_KB) step(std::integral_constant<int, AXPY_KB>{}, k);
+  for (; k < K; k++) step(std::integral_constant<int, 1>{}, k);
+  for (int64_t r = 0; r < R; r++) {
+    std::copy(acc + r * width, acc + (r + 1) * width, out + r * ldo);
+    for (int64_t c = width; c < nc; c++) {  // column tail
+      float s = 0.f;
+      for (int64_t k = 0; k < K; k++) s += x[r][k] * static_cast<float>(w[k * si + c]);
+      out[r * ldo + c] = s;
+    }
   }
-  for (int64_t r = 0; r < R; r++)
-    for (int c = 0; c < CV; c++) acc[r * CV + c].store(out + r * ldo + c * V);
 }
 
 // ---- one projection: out[r * ldo + c] = (x[r] @ M_e)[c0 + c], c < nc --------------------------
 
 template <typename T>
 void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const float* const* x, int64_t R,
-             float* out, int64_t ldo, std::vector<fVec>& acc) {
+             float* out, int64_t ldo, Scratch& acc) {
   const T* base = static_cast<const T*>(m.base) + e * m.se;
   if (m.si == 1) {  // one row: more weight rows in flight; more rows: reuse each weight load
-    if (R == 1) dot_columns<T, DOT_NB1, 1>(base, m.so, K, c0, nc, x, R, out, ldo, acc);
-    else dot_columns<T, DOT_NB, DOT_RB>(base, m.so, K, c0, nc, x, R, out, ldo, acc);
+    if (R == 1) dot_columns<T, DOT_NB1, 1>(base, m.so, K, c0, nc, x, R, out, ldo, acc.dot);
+    else dot_columns<T, DOT_NB, DOT_RB>(base, m.so, K, c0, nc, x, R, out, ldo, acc.dot);
     return;
   }
-  const T* w = base + c0;  // so == 1
-  int64_t c = 0;
-  for (; c + AXPY_CV * V <= nc; c += AXPY_CV * V) axpy_group<T, AXPY_CV>(w + c, m.si, x, R, K, acc, out + c, ldo);
-  for (; c + V <= nc; c += V) axpy_group<T, 1>(w + c, m.si, x, R, K, acc, out + c, ldo);
-  for (; c < nc; c++) {  // column tail
-    for (int64_t r = 0; r < R; r++) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; k++) s += x[r][k] * static_cast<float>(w[k * m.si + c]);
-      out[r * ldo + c] = s;
-    }
-  }
+  axpy_columns<T>(base + c0, m.si, x, R, K, nc, acc, out, ldo);  // so == 1
 }
 
 // ---- activation ----------------------------------------------------------------------------
@@ -308,7 +331,7 @@ void store_row(const float* src, void* out, int64_t t, int64_t H) {
 }
 
 struct Thread {  // per-thread scratch, kept across calls
-  std::vector<fVec> acc;
+  Scratch acc;
   std::vector<float> gate, up, row;
   std::vector<const float*> rows;
 };
@@ -360,8 +383,10 @@ void run(const Args& a) {
   float* X = X_v.data();
   float* A = A_v.data();
   float* Y = Y_v.data();
-  const int64_t gate_blocks = (I + GATE_BLOCK - 1) / GATE_BLOCK;
-  const int64_t down_blocks = (H + DOWN_BLOCK - 1) / DOWN_BLOCK;
+  const int64_t gate_block = a.gate.si == 1 ? DOT_GATE_BLOCK : AXPY_GATE_BLOCK;
+  const int64_t down_block = a.down.si == 1 ? DOT_DOWN_BLOCK : AXPY_DOWN_BLOCK;
+  const int64_t gate_blocks = (I + gate_block - 1) / gate_block;
+  const int64_t down_blocks = (H + down_block - 1) / down_block;
   const float* x_base = direct_x ? static_cast<const float*>(a.hidden) : X;
   const int64_t x_ld = direct_x ? a.hidden_ld : H;
 
@@ -378,9 +403,9 @@ void run(const Args& a) {
     // 1. gate_up + activation
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_active * gate_blocks; item++) {
-      const int64_t ai = item / gate_blocks, j0 = (item % gate_blocks) * GATE_BLOCK;
+      const int64_t ai = item / gate_blocks, j0 = (item % gate_blocks) * gate_block;
       const int64_t e = active[ai], s0 = start[ai], R = start[ai + 1] - s0;
-      const int64_t nj = std::min(GATE_BLOCK, I - j0);
+      const int64_t nj = std::min(gate_block, I - j0);
       th.rows.resize(R);
       for (int64_t r = 0; r < R; r++) th.rows[r] = x_base + (order[s0 + r] / a.k) * x_ld;
       th.gate.resize(R * 2 * nj);
@@ -419,9 +444,9 @@ void run(const Args& a) {
     // 2. down (+ bias)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_active * down_blocks; item++) {
-      const int64_t ai = item / down_blocks, h0 = (item % down_blocks) * DOWN_BLOCK;
+      const int64_t ai = item / down_blocks, h0 = (item % down_blocks) * down_block;
       const int64_t e = active[ai], s0 = start[ai], R = start[ai + 1] - s0;
-      const int64_t nh = std::min(DOWN_BLOCK, H - h0);
+      const int64_t nh = std::min(down_block, H - h0);
       th.rows.resize(R);
       for (int64_t r = 0; r < R; r++) th.rows[r] = A + (s0 + r) * I;
       float* y = Y + s0 * H + h0;
