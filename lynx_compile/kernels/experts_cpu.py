@@ -18,6 +18,8 @@ outputs in fp32 in slot order.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import experts_cpu_fused
@@ -25,10 +27,30 @@ from .experts_ref import check_experts_args, expert_mlp
 
 _TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
 
-# Largest expected rows per expert (T * k / E) for which the fused kernel is used. Measured on
-# AVX2 (benchmarks/experts_cpu.py --crossover): fp32 MKL GEMM overtakes it past ~FUSED_MAX_ROWS
-# rows per expert; bf16/fp16 GEMM without native support stays slower much longer.
-FUSED_MAX_ROWS = {torch.float32: 8.0, torch.bfloat16: 32.0, torch.float16: 32.0}
+# Largest expected rows per expert (T * k / E) for which the fused kernel is used; past it,
+# grouped_mm (MKL / oneDNN GEMM). Measured on AVX2 (Zen 3), one thread, OLMoE shape
+# (benchmarks/experts_cpu.py --crossover, and BENCHMARKS.md): fp32 fused/grouped_mm speed-up
+# 1.8x at 8 rows, 1.4x at 16, 1.2x at 32; bf16 3.1-3.4x from 4 to 32 rows (and 3.5x at 64 with
+# two threads), because oneDNN has no fast bf16 GEMM without AVX512-BF16/AMX. Where it has one
+# (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), 16-bit weights get the fp32 limit.
+FUSED_MAX_ROWS_FP32 = 16.0
+FUSED_MAX_ROWS_16BIT_EMULATED = 64.0
+
+
+@functools.cache
+def fused_max_rows(dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return FUSED_MAX_ROWS_FP32
+    native = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if native is None:
+        return 0.0
+    try:
+        has_native_gemm = bool(getattr(torch.ops.mkldnn, native)())
+    except (AttributeError, RuntimeError):
+        has_native_gemm = False
+    return FUSED_MAX_ROWS_FP32 if has_native_gemm else FUSED_MAX_ROWS_16BIT_EMULATED
+
+
 # Below this many multiply-adds per call the kernel runs on one thread: waking the others
 # costs more than it saves (the shipped model's layer at batch 1 is 0.2 M).
 SINGLE_THREAD_MACS = 2_000_000
@@ -74,7 +96,7 @@ def choose_path(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtyp
     fused kernel cannot take the tensors, see ``experts_cpu_fused.weight_geometry``)."""
     if unsupported is not None or experts_cpu_fused.kernel() is None:
         return "grouped_mm"
-    return "fused" if num_tokens * top_k <= FUSED_MAX_ROWS.get(dtype, 0.0) * num_experts else "grouped_mm"
+    return "fused" if num_tokens * top_k <= fused_max_rows(dtype) * num_experts else "grouped_mm"
 
 
 def grouped_experts_cpu(
