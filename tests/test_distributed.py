@@ -316,18 +316,20 @@ def without_sentinels(hidden, ids, weights, w_gate_up, w_down):
                                      w_gate_up, w_down)
 
 
+@pytest.mark.parametrize("path", ["fused", "grouped_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_experts_kernels_skip_the_sentinel(dtype):
+def test_experts_kernels_skip_the_sentinel(dtype, path):
     hidden, ids, weights, w_gate_up, w_down = case = sentinel_case(dtype)
     expected = without_sentinels(*case).float()
     assert expected[0].abs().max() == 0
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grouped_experts_reference(*case).float(), expected, **tol)
-    cpu = grouped_experts_cpu(hidden, ids, weights, w_gate_up, w_down, None, None, None, "silu", "gate_up_concat", [])
+    args = (w_gate_up, w_down, None, None, None, "silu", "gate_up_concat", [])
+    cpu = grouped_experts_cpu(hidden, ids, weights, *args, path=path)
     torch.testing.assert_close(cpu.float(), expected, **tol)
     # NaN sentinel weights would poison a kernel that computed the sentinel rows: the result must not change.
     poisoned = weights.masked_fill(ids == w_gate_up.shape[0], float("nan"))
-    cpu = grouped_experts_cpu(hidden, ids, poisoned, w_gate_up, w_down, None, None, None, "silu", "gate_up_concat", [])
+    cpu = grouped_experts_cpu(hidden, ids, poisoned, *args, path=path)
     torch.testing.assert_close(cpu.float(), expected, **tol)
 
 

@@ -1,20 +1,133 @@
-"""CPU grouped experts: rows grouped by expert, one grouped GEMM per projection.
+"""CPU grouped experts: the fused C++ kernel at decode, ``torch._grouped_mm`` at prefill.
 
-Decode is memory-bound: the cost is the bytes of expert weights read. Tokens are sorted by
-expert and each projection is one ``torch._grouped_mm`` over the groups, which reads only the
-experts that received tokens, each once, in the model's dtype (fp32 accumulation). Where the
-tensors are not aligned as ``_grouped_mm`` needs (strides in multiples of 16 bytes), a loop of
-``torch.mm`` over the non-empty groups does the same. The k weighted outputs of a token are
-summed in fp32 and in slot order, like transformers' ``grouped_mm`` path. Slots whose id is
-``E`` (the sentinel of expert parallelism: an expert on another rank) sort last, fall past the
-last group and add nothing.
+Decode is memory-bound: the cost is the bytes of expert weights read. Both paths read only the
+experts that received tokens, each once, with fp32 accumulation, and sum a token's k weighted
+outputs in fp32 in slot order.
+
+- ``fused`` (``experts_cpu.cpp``): one C++ call per layer: counting sort by expert, gate_up +
+  activation, down, slot sum, every expert's weight streamed once while all its rows pass over
+  it. The only path that keeps decode at the memory limit in bf16 on CPUs without native bf16
+  GEMM (MKL's bf16 GEMM with 2+ rows is many times slower there), and the only one whose cost
+  at the shipped model's cache-resident shapes is not op overheads.
+- ``grouped_mm``: tokens sorted by expert, one ``torch._grouped_mm`` per projection (a loop
+  of ``torch.mm`` over the non-empty groups where strides are not 16-byte aligned). MKL GEMM
+  is faster once experts have many rows each (prefill).
+
+Slots whose id is ``E`` (the sentinel of expert parallelism: an expert on another rank) add
+nothing on either path. ``choose_path`` decides from shapes alone; ``benchmarks/experts_cpu.py`` measures both.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from . import experts_cpu_fused
 from .experts_ref import check_expert_ids, check_experts_args, expert_mlp
+
+_TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
+
+# Largest expected rows per expert (T * k / E) for which the fused kernel is used; past it,
+# grouped_mm (MKL / oneDNN GEMM). Measured on AVX2 (Zen 3), one thread, OLMoE shape
+# (benchmarks/experts_cpu.py --crossover, and BENCHMARKS.md): fp32 fused/grouped_mm speed-up
+# 1.8x at 8 rows, 1.4x at 16, 1.2x at 32; bf16 3.1-3.4x from 4 to 32 rows (and 3.5x at 64 with
+# two threads), because oneDNN has no fast bf16 GEMM without AVX512-BF16/AMX. Where it has one
+# (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), 16-bit weights get the fp32 limit.
+FUSED_MAX_ROWS_FP32 = 16.0
+FUSED_MAX_ROWS_16BIT_EMULATED = 64.0
+
+
+@functools.cache
+def fused_max_rows(dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return FUSED_MAX_ROWS_FP32
+    native = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    if native is None:
+        return 0.0
+    try:
+        has_native_gemm = bool(getattr(torch.ops.mkldnn, native)())
+    except (AttributeError, RuntimeError):
+        has_native_gemm = False
+    return FUSED_MAX_ROWS_FP32 if has_native_gemm else FUSED_MAX_ROWS_16BIT_EMULATED
+
+
+# Below this many multiply-adds per call the kernel runs on one thread: waking the others
+# costs more than it saves (the shipped model's layer at batch 1 is 0.2 M).
+SINGLE_THREAD_MACS = 2_000_000
+
+
+def expert_sizes(layout: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor | None) -> tuple[int, int]:
+    """(hidden size H, intermediate size I) of the experts, with the weights' shapes checked."""
+    if any(w is not None and w.dim() != 3 for w in (w_gate_up, w_up, w_down)):
+        raise ValueError(f"expert weights must be 3-D [E, ., .], got {[tuple(w.shape) for w in (w_gate_up, w_up, w_down) if w is not None]}")
+    num_experts = w_gate_up.shape[0]
+    if layout in _TRANSPOSED:
+        hidden_size, width = w_gate_up.shape[1], w_gate_up.shape[2]
+    else:
+        width, hidden_size = w_gate_up.shape[1], w_gate_up.shape[2]
+    split = layout == "gate_up_split"
+    if not split and width % 2:
+        raise ValueError(f"layout {layout!r} needs an even gate_up width, got {tuple(w_gate_up.shape)}")
+    inter_size = width if split else width // 2
+    if split and w_up.shape != w_gate_up.shape:
+        raise ValueError(f"w_up must have w_gate_up's shape {tuple(w_gate_up.shape)}, got {tuple(w_up.shape)}")
+    down_shape = (num_experts, inter_size, hidden_size) if layout in _TRANSPOSED else (num_experts, hidden_size, inter_size)
+    if tuple(w_down.shape) != down_shape:
+        raise ValueError(f"layout {layout!r}: w_down must be {down_shape}, got {tuple(w_down.shape)}")
+    return hidden_size, inter_size
+
+
+def check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size) -> None:
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a float [T, {hidden_size}] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32/int64 [T, k] with T = {hidden.shape[0]}, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids {tuple(topk_ids.shape)}")
+    num_experts = w_gate_up.shape[0]
+    if b_gate_up is not None and tuple(b_gate_up.shape) != (num_experts, 2 * inter_size):
+        raise ValueError(f"b_gate_up must be {(num_experts, 2 * inter_size)}, got {tuple(b_gate_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (num_experts, hidden_size):
+        raise ValueError(f"b_down must be {(num_experts, hidden_size)}, got {tuple(b_down.shape)}")
+
+
+def choose_path(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, unsupported: str | None = None) -> str:
+    """``"fused"`` or ``"grouped_mm"`` for a call with these shapes (``unsupported``: why the
+    fused kernel cannot take the tensors, see ``experts_cpu_fused.weight_geometry``)."""
+    if unsupported is not None or experts_cpu_fused.kernel() is None:
+        return "grouped_mm"
+    return "fused" if num_tokens * top_k <= fused_max_rows(dtype) * num_experts else "grouped_mm"
+
+
+def grouped_experts_cpu(
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+    activation, layout, activation_args, path: str | None = None,
+) -> torch.Tensor:
+    """The op's CPU kernel. ``path`` forces ``"fused"`` or ``"grouped_mm"`` (tests, benchmarks)."""
+    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
+    hidden_size, inter_size = expert_sizes(layout, w_gate_up, w_down, w_up)
+    check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
+    check_expert_ids(topk_ids, w_gate_up.shape[0])
+    num_tokens, top_k = topk_ids.shape
+    geometry = experts_cpu_fused.weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout, inter_size)
+    if isinstance(geometry, tuple) and hidden.dtype not in experts_cpu_fused.DTYPE_CODES:
+        geometry = f"hidden dtype {hidden.dtype}"
+    unsupported = geometry if isinstance(geometry, str) else None
+    if path is None:
+        path = choose_path(num_tokens, top_k, w_gate_up.shape[0], w_gate_up.dtype, unsupported)
+    elif path == "fused" and (unsupported or experts_cpu_fused.kernel() is None):
+        raise ValueError(f"the fused CPU experts kernel cannot run here: {unsupported or experts_cpu_fused.build_error}")
+    if path == "fused":
+        macs = num_tokens * top_k * 3 * hidden_size * inter_size
+        threads = 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
+        return experts_cpu_fused.fused_experts(
+            experts_cpu_fused.kernel(), hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+            geometry, activation, activation_args, inter_size, threads)
+    if path != "grouped_mm":
+        raise ValueError(f"unknown CPU experts path {path!r}; valid: fused, grouped_mm")
+    return grouped_mm_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
+                              activation, layout, activation_args)
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -38,13 +151,12 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor)
     return out
 
 
-def grouped_experts_cpu(
+def grouped_mm_experts(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
     activation, layout, activation_args,
 ) -> torch.Tensor:
-    check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
+    """Rows grouped by expert, one grouped GEMM per projection, in the weights' dtype."""
     num_experts = w_gate_up.shape[0]
-    check_expert_ids(topk_ids, num_experts)
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert, sentinels last
