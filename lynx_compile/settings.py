@@ -130,6 +130,8 @@ def resolve_settings(options, module: str, block: str, top_k: int, num_experts: 
             raise ValueError(f"policy {options.policy!r} needs {', '.join(missing)} for {module or 'the MoE layer'} "
                              "(set the option, or give this layer its layer_settings)")
         settings = SelectorSettings(dict(given), source)
+    if options.policy == "off":  # no selector: no knobs to check (get_policy knows no "off")
+        return settings
     try:
         get_policy(options.policy).check_against(settings.knobs, top_k, num_experts)
     except ValueError as error:
