@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-triton test-vllm bench clean
+.PHONY: demo test test-serving test-distributed test-triton test-vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) examples/generate.py
 
+# make test: the main suite. The serving and two-rank suites take minutes each on 2 cores and
+# have their own targets (CI runs all of them, .ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not serving and not distributed"
+
+test-serving: $(STAMP)
+	$(PY) -m pytest -q -m serving
+
+test-distributed: $(STAMP)
+	$(PY) -m pytest -q -m distributed
 
 test-triton: $(STAMP)
 	$(PY) -m pytest -q -m triton

@@ -105,6 +105,7 @@ def reference(ranks, case: str, policy: str) -> list[dict]:
 
 # --- 1. every MoE layer matched on every rank; nothing else changed ---------------------------
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("policy", ["off", "lynx"])
 def test_every_rank_rewrites_every_moe_layer(ranks, case, policy):
@@ -145,6 +146,7 @@ def graph_lines(path: Path, pattern: str) -> list[str]:
             if re.search(pattern, line) and not line.strip().startswith("#")]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_collectives_and_local_shards_are_left_as_they_were(ranks, case):
     family, layout, _ = case.split(":")
@@ -178,6 +180,7 @@ def tie_rows(steps: list[dict], pair: tuple[int, int]) -> int:
     return rows
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", [*CASES, TIES])
 def test_every_rank_picks_bitwise_the_same_experts(ranks, case):
     family = case.split(":")[0]
@@ -198,6 +201,7 @@ def test_every_rank_picks_bitwise_the_same_experts(ranks, case):
             assert tie_rows(steps[:1], NEAR_TIED) > 0 and tie_rows(steps[1:], NEAR_TIED) > 0
 
 
+@pytest.mark.distributed
 def test_near_ties_can_break_differently_than_in_one_process(ranks):
     """Why the README asks for identical hidden states on every rank, not for equality with an
     unsharded run: sharding sums in another order, so a 1-ulp tie may go the other way than in one
@@ -209,11 +213,13 @@ def test_near_ties_can_break_differently_than_in_one_process(ranks):
     assert sum(int(f.sum()) for f in flipped) > 0
 
 
+@pytest.mark.distributed
 def test_check_same_routing_reports_a_rank_that_chose_differently(ranks):
     for saved in ranks:
         assert "rank 1's expert ids differ from rank 0's in 1 token(s)" in saved["tampered"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_each_rank_routes_exactly_as_the_selector_on_its_logits(ranks, case):
     for saved in ranks:
@@ -232,6 +238,7 @@ def test_each_rank_routes_exactly_as_the_selector_on_its_logits(ranks, case):
 
 # --- 3. per rank, the single-process lynx model's logits --------------------------------------
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("policy", ["off", "lynx"])
 def test_logits_equal_the_single_process_lynx_model(ranks, case, policy):
@@ -250,6 +257,7 @@ def test_logits_equal_the_single_process_lynx_model(ranks, case, policy):
 
 # --- EP: each rank's experts op reads its own experts, off-rank slots skipped -----------------
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", [c for c in CASES if ":ep:" in c])
 def test_expert_parallel_ranks_read_only_their_experts(ranks, case):
     family = case.split(":")[0]
@@ -270,6 +278,7 @@ def test_expert_parallel_ranks_read_only_their_experts(ranks, case):
 
 # --- gpt-fast, sharded by hand ----------------------------------------------------------------
 
+@pytest.mark.distributed
 def test_gpt_fast_sharded_by_hand(ranks):
     for saved in ranks:
         runs = saved["gpt_fast"]

@@ -18,6 +18,8 @@ pytest.importorskip("fastapi", reason="transformers serve needs the serving extr
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
+pytestmark = pytest.mark.serving
+
 MODEL = str(Path(__file__).resolve().parent.parent / "models" / "lynx-tiny-moe")
 
 

@@ -19,7 +19,8 @@ from lynx_compile.integrations.transformers import FinishedRows, disable_step_ho
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from demo_model import SHIPPED, load_model, make_prompts  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="the shipped model is missing")
+pytestmark = [pytest.mark.serving,
+              pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="the shipped model is missing")]
 
 EAGER = {"compiler": "eager"}
 SMALL_CACHE = dict(num_blocks=16, max_batch_tokens=512)  # transformers sizes the CPU cache from RAM: slow
