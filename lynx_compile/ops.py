@@ -79,13 +79,6 @@ def _rule(*fields) -> RouterRule:
     return RouterRule(*fields)
 
 
-def triton_covers(rule: RouterRule, biased: bool, policy: str, num_experts: int) -> bool:
-    """Rules the Triton selector implements: ungrouped softmax routers (softmax over the chosen k
-    logits, GPT-OSS, is softmax -> top-k -> renormalise), policy lynx."""
-    plain_softmax = rule.scoring == "softmax" and not rule.grouped and rule.scaling_factor == 1.0
-    return plain_softmax and not biased and policy == "lynx" and num_experts <= 8192
-
-
 @select_experts_op.register_fake
 def _(router_logits, score_bias, step_state, step_mask, top_k, *rest):
     num_tokens = router_logits.shape[0]

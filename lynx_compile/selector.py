@@ -147,28 +147,8 @@ def select_experts(
     rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score,
                       scaling_factor)
     check_rule(rule, router_logits.shape[1], top_k, score_bias)
-    if router_logits.is_cuda and live is None and decode is True:
-        triton = _triton_selector(rule, score_bias, policy, router_logits.shape[1])
-        if triton is not None:
-            return triton(router_logits, top_k, knobs["alpha"], knobs["beta"])
     weights, ids, _ = route(router_logits, score_bias, top_k, rule, policy, knobs, decode, live)
     return weights, ids
-
-
-def _triton_selector(rule: RouterRule, score_bias, policy: str, num_experts: int):
-    """The Triton selector where it covers the rule (ungrouped softmax routers, lynx), else None."""
-    from .ops import triton_covers
-
-    if not triton_covers(rule, score_bias is not None, policy, num_experts):
-        return None
-    from .kernels.triton_select import select_experts_triton
-
-    renormalize = True if rule.softmax_after_topk else rule.renormalize
-
-    def run(logits, top_k, alpha, beta):
-        return select_experts_triton(logits, top_k, alpha, beta, renormalize)
-
-    return run
 
 
 __all__ = ["RouterRule", "reference_route", "route", "select_experts"]

@@ -11,6 +11,12 @@ vector per program.
                        index asc); marks the chosen experts in ``kept`` (all write 1: no race)
   4. reroute  grid T   top-k logits among kept experts (ties to the lower index), weights
 
+Every row votes: B is the row count, known on the host. The kernel therefore cannot leave out
+rows that are not live tokens, or rows with NaN / +inf logits, as ``select_experts`` does (one
+such row would change every other row's choice), so ``select_experts`` never calls it; on CUDA
+compiled graphs get Inductor's code for the fused torch selector. It serves the GPU benchmarks
+and stays tested against the reference for finite, all-live batches.
+
 The depth D and ``B ** (D + 1)`` come from the token count alone (``policies.affinity_binning.vote_depth``),
 so nothing is read back to the host and every shape is static: the launches can be
 captured in a CUDA graph.
