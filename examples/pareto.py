@@ -44,8 +44,10 @@ that at least two policies reach, a policy's loss is its least loss among its se
 least s (the best a user can pick from the sweep under that requirement: a staircase, nothing is
 interpolated). The winner at s has the least loss; its margin over the runner-up is the paired
 difference of the two settings on the same tokens, with its SE, and counts as resolved when it
-exceeds 2 SE. A policy *dominates* at B on a metric when it wins at every matched level; otherwise
-the levels are listed per winner (a crossover). Also counted: the Pareto points of each policy that
+exceeds 2 SE. Policies whose best settings lose exactly as much tie (XShare with a budget below the
+batch's distinct top-1 experts selects exactly what OEA k0 = 1 does). A policy *dominates* at B on a
+metric when it has the least loss (alone or tied) at every matched level; otherwise the levels are
+listed per winner (a crossover), and a table counts the levels each policy wins. Also counted: the Pareto points of each policy that
 a point of another policy dominates (saves at least as much with no more loss, one strictly).
 
 Outputs (``--out``, default out/pareto): pareto.md (verdict, matched-level tables, every point),
@@ -524,10 +526,13 @@ def plot_batch(rows: list[Row], batch: int, path: Path, title: str) -> None:
                 real = front[1:]
                 ax.errorbar([r.saved for r in real], [r.acc_lost for r in real], yerr=[r.acc_lost_se for r in real],
                             fmt="none", ecolor=COLORS[p], alpha=0.5, capsize=2)
+            labels: dict[tuple[float, float], list[str]] = {}  # identical selections share one label
             for r in front:
                 if r.saved > 0:
-                    ax.annotate(r.knob.replace("budget=", "m="), (r.saved, r.loss(metric)),
-                                textcoords="offset points", xytext=(3, 3), fontsize=6, color=COLORS[p])
+                    labels.setdefault((r.saved, r.loss(metric)), []).append(r.knob.replace("budget=", ""))
+            for (x, y), knobs in labels.items():
+                text = f"m={','.join(knobs)}" if p == "xshare" else ",".join(knobs)
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=COLORS[p])
         ax.set_xlabel("distinct experts per layer per step saved (%)")
         ax.set_ylabel(METRICS[metric])
         if metric == "kl":
@@ -535,7 +540,7 @@ def plot_batch(rows: list[Row], batch: int, path: Path, title: str) -> None:
         else:
             ax.axhline(0, ls=":", c="gray", lw=0.8)
             ax.axhline(1, ls="--", c="tab:red", lw=0.8, label="1 point")
-        ax.set_xlim(-2, 100)
+        ax.set_xlim(-2, max([r.saved for r in points] + [10]) + 8)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{title}, B = {batch} (faint: every setting; lines: each rule's Pareto frontier)", fontsize=9)
