@@ -3,6 +3,7 @@
     python examples/evaluate.py                 # the shipped model (about 30 min on 2 busy cores)
     python examples/evaluate.py --quick         # smoke run (2-3 min)
     python examples/evaluate.py --model out/tiny-moe-quick
+    python examples/evaluate.py --pareto [--quick]  # the policies' Pareto sweep: examples/pareto.py
 
 Data: windows of ``--prefill + --steps + 1`` bytes from the model's held-out files
 (``heldout_files.txt`` in the model directory, under ``sysconfig.get_paths()["stdlib"]``),
@@ -548,6 +549,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--pareto" in argv:  # lynx, OEA and XShare swept on this script's data and decode loop
+        import pareto
+
+        return pareto.main([a for a in argv if a != "--pareto"])
     args = parse_args(argv)
     if args.render:
         print(render(args.out))
