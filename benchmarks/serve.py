@@ -540,6 +540,7 @@ def plot(path: Path, results: list[dict], configs: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {name: f"C{i}" for i, name in enumerate(ALL_CONFIGS)}  # one colour per configuration in every panel
     fig, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 6.5), squeeze=False, sharex="col")
     for col, result in enumerate(results):
         top, bottom = axes[0][col], axes[1][col]
@@ -548,8 +549,8 @@ def plot(path: Path, results: list[dict], configs: list[str]) -> None:
             times = [s["time"] for s in steps]
             distinct = [s["distinct"] for s in steps]
             if any(d is not None for d in distinct):
-                top.plot(times, distinct, label=name, lw=1)
-            bottom.plot(times, [s["sequences"] for s in steps], label=name, lw=1)
+                top.plot(times, distinct, label=name, lw=1, color=colors[name])
+            bottom.plot(times, [s["sequences"] for s in steps], label=name, lw=1, color=colors[name])
         top.set_title(f"{result['info']['name']} (round 0)")
         top.set_ylabel("experts read / layer / decode step")
         bottom.set_ylabel("sequences in the decode step")
