@@ -3,8 +3,11 @@
     python examples/generate.py                       # the shipped model, 16 Python prompts
     python examples/generate.py --model tiny-config   # a random model built from a config
 
-Prints one table: decode tokens/s, mean distinct experts per MoE layer per decode step, and
-whether eager / Inductor / lynx-off produce identical tokens; then a few completions.
+Prints two tables. The shipped model (quality): decode tokens/s, mean distinct experts per MoE
+layer per decode step, and whether eager / Inductor / lynx-off produce identical tokens, then a
+few completions. Its experts fit in cache, so its speed follows op overheads. Then a memory-bound
+shape (speed; ``demo_speed.py``: OLMoE-1B-7B's MoE layers, bf16, batch 16), where a decode step
+costs the expert bytes it reads. Both say what the machine is (cores, ISA, bandwidth).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 import torch
 from demo_model import load_model, make_prompts
+from demo_speed import machine_line, memory_bound_table
 from tqdm import tqdm
 from transformers import StaticCache
 
@@ -92,6 +96,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=48, help="prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    parser.add_argument("--no-speed-table", action="store_true", help="skip the memory-bound table (2-3 min)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -108,6 +113,7 @@ def main():
 
     reference = results.get("eager", next(iter(results.values())))["tokens"]
     print()
+    print(machine_line(streaming_bandwidth()))
     print("| mode | decode tokens/s | distinct experts / layer / step | same tokens as eager | compile + warmup s |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
@@ -125,6 +131,23 @@ def main():
             print("-" * 60)
             print(texts[i] + "\u2502" + tokenizer.decode(reference[i]))
             print(texts[i] + "\u2502" + tokenizer.decode(results["lynx on"]["tokens"][i]))
+
+    if not args.no_speed_table:
+        print()
+        with torch.no_grad():
+            print(memory_bound_table())
+
+
+def streaming_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """GB/s of a plain streaming read (the sum of a tensor far larger than the caches), median of ``repeats``."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / sorted(times)[repeats // 2] / 1e9
 
 
 if __name__ == "__main__":

@@ -265,3 +265,28 @@ def test_decomposition_traces_functionally_and_matches_the_op(rule, beta):
         got, want = traced(x, bias), select(x, bias)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+
+
+def test_step_hooks_raise_the_recompile_limit_in_the_engine_thread():
+    # Continuous batching compiles in a worker thread, which has its own dynamo config (torch 2.13):
+    # the hooks must raise the limit there, where the forward runs, and leave other threads alone.
+    import threading
+
+    from lynx_compile.integrations.transformers import RECOMPILE_LIMIT, disable_step_hooks, enable_step_hooks
+
+    model = torch.nn.Linear(2, 2)
+    enable_step_hooks(model)
+    seen = {}
+
+    def engine():
+        seen["before"] = torch._dynamo.config.recompile_limit
+        model(torch.ones(1, 2))
+        seen["after"] = torch._dynamo.config.recompile_limit
+
+    try:
+        worker = threading.Thread(target=engine)
+        worker.start()
+        worker.join()
+    finally:
+        disable_step_hooks(model)
+    assert seen["before"] < RECOMPILE_LIMIT <= seen["after"]

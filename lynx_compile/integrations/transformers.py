@@ -29,6 +29,7 @@ use it as a context manager so the mask is cleared when the generation is over:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -64,17 +65,47 @@ def _after_forward(module, args, kwargs, output):
         clear_step(cu_seq_lens_q.device)
 
 
-def enable_step_hooks(model: torch.nn.Module) -> None:
+RECOMPILE_LIMIT = 64
+
+
+class _ThreadRecompileLimit(threading.local):
+    """Raises dynamo's recompile limits once in each thread that runs the model's forward.
+
+    Continuous batching compiles in its own worker thread, and torch (2.13) keeps dynamo config
+    overrides per thread, so a limit the user set in the main thread does not reach it. There
+    the default limit (8) is soon hit: transformers' ``deprecate_kwarg`` wrapper is one code
+    object for the attention, decoder-layer and model forwards, so every new padded shape adds
+    several cache entries to it. Past the limit dynamo runs those frames eagerly without a word,
+    and lynx matches nothing. Runs outside dynamo (``torch._dynamo.disable``)."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.done = False
+
+    def __call__(self, module, args, kwargs):
+        if self.limit is not None and not self.done:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, self.limit)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * self.limit)
+            self.done = True
+
+
+def enable_step_hooks(model: torch.nn.Module, recompile_limit: int | None = RECOMPILE_LIMIT) -> None:
     """Let ``model``'s continuous-batching forwards tell lynx their step kind and live rows.
 
     Idempotent. Reserves the step context on the model's device (needed when the hooks run
-    inside a compiled region). ``disable_step_hooks`` removes the hooks.
+    inside a compiled region). ``recompile_limit``: dynamo's recompile limit is raised to at
+    least this in every thread that runs the forward (None: left alone); see
+    ``_ThreadRecompileLimit`` for why continuous batching needs it. ``disable_step_hooks``
+    removes the hooks.
     """
     if getattr(model, _HOOKS_ATTR, None):
         return
     parameter = next(model.parameters(), None)
     reserve_step(parameter.device if parameter is not None else "cpu")
     handles = (
+        model.register_forward_pre_hook(torch._dynamo.disable(_ThreadRecompileLimit(recompile_limit)),
+                                        with_kwargs=True),
         model.register_forward_pre_hook(_before_forward, with_kwargs=True),
         model.register_forward_hook(_after_forward, with_kwargs=True),
     )
