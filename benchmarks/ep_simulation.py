@@ -29,13 +29,11 @@ load-balancing correction, ``-0.02 x`` the expert's standardised popularity. The
 assumptions, stated so; the header of the output table prints the synthetic routers' statistics
 next to the shipped model's.
 
-Selection rules: a dict ``SELECTORS`` of name -> ``fn(logits, router, ranks) -> ids [T, k]``; a new
-rule drops in there. If ``lynx_compile.select_experts`` accepts an ``ep_ranks`` keyword (the
-EP-aware option), it is added automatically as "lynx ep_ranks=R". "proto rank-cap" is a prototype
-written here (not shipped): lynx's kept set, then on every rank holding more than
-ceil(kept / R) experts the least-voted experts that are no token's plain top-1 are dropped, and
-tokens re-route among the survivors (within their allowed groups; a token left with fewer than k
-takes its best allowed others back).
+Selection rules: a dict ``SELECTORS`` of name -> ``fn(logits, router, ranks, bias) -> ids [T, k]``;
+a new rule drops in there. "lynx ep_ranks=R" is lynx with the expert-parallel cap
+(``select_experts(..., ep_ranks=R)``, ``lynx_compile/policies/ep_cap.py``): the kept set holds at
+most ceil(kept / R) experts per rank besides the tokens' top-1s, the least-demanded dropped first,
+and tokens short of k take their best others back.
 
     python benchmarks/ep_simulation.py            # writes benchmarks/results/ep_simulation.{md,png}
     python benchmarks/ep_simulation.py --quick    # fewer batches (a smoke run)
@@ -45,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import math
 import platform
 import sys
 import time
@@ -61,16 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_model as dm  # noqa: E402
 
 from lynx_compile import select_experts  # noqa: E402
-from lynx_compile.selector import (  # noqa: E402
-    RouterRule,
-    affinity_bins,
-    batch_ranking_key,
-    rank_descending,
-    route_plain,
-    router_scores,
-    topk_ids,
-    vote_depth,
-)
+from lynx_compile.policies.rules import RouterRule, route_plain  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SKIP_POSITIONS = 8  # the first bytes of a window have too little context to route like decode
@@ -205,46 +192,16 @@ def lynx(logits, router, ranks, bias):
     return select_experts(logits, router.top_k, alpha=router.alpha, beta=router.beta, score_bias=bias, **router.rule)[1]
 
 
-def proto_rank_cap(logits, router, ranks, bias, slack: int = 0):
-    """Prototype EP-aware rule: lynx's kept set, capped at ceil(kept / R) + slack experts per rank."""
-    rule = router.router_rule()
-    rank, affinity = router_scores(logits, rule, bias)
-    num_tokens, num_experts = rank.shape
-    depth = vote_depth(num_tokens, router.beta)
-    allowed = rank > float("-inf")
-    bins = affinity_bins(affinity, router.alpha, depth)
-    choices = rank_descending(batch_ranking_key(bins, depth, allowed), rank)[:, :router.top_k]
-    kept = torch.zeros(num_experts, dtype=torch.bool)
-    kept[choices.reshape(-1)] = True
-    protected = torch.zeros(num_experts, dtype=torch.bool)
-    protected[topk_ids(rank, 1).reshape(-1)] = True
-    powers = num_tokens ** torch.arange(depth + 1, dtype=torch.int64)
-    votes = torch.where(allowed, powers[bins + depth], 0).sum(dim=0)
-    per_rank = num_experts // ranks
-    cap = math.ceil(int(kept.sum()) / ranks) + slack
-    for r in range(ranks):
-        owned = torch.arange(r * per_rank, (r + 1) * per_rank)
-        droppable = owned[kept[owned] & ~protected[owned]]
-        excess = int(kept[owned].sum()) - cap
-        if excess > 0 and droppable.numel():
-            order = torch.argsort(votes[droppable], stable=True)  # least voted first
-            kept[droppable[order[:excess]]] = False
-    # Survivors first; a token short of k allowed survivors takes its best allowed others back.
-    preference = (kept & allowed).long() + allowed.long()
-    return rank_descending(preference, rank)[:, :router.top_k].contiguous()
+def lynx_ep(logits, router, ranks, bias):
+    return select_experts(logits, router.top_k, alpha=router.alpha, beta=router.beta, score_bias=bias,
+                          ep_ranks=ranks, **router.rule)[1]
 
 
-SELECTORS: dict[str, Selector] = {"plain top-k": plain, "lynx": lynx, "proto rank-cap": proto_rank_cap}
-# The trade-off section: is a cap better than plain lynx made more aggressive, at the same mass kept?
+SELECTORS: dict[str, Selector] = {"plain top-k": plain, "lynx": lynx, "lynx ep_ranks=R": lynx_ep}
+# The trade-off section: is the cap better than plain lynx made more aggressive, at the same mass kept?
 TRADE_OFF: dict[str, Selector] = {
-    **{f"lynx alpha={a:g}": (lambda a: lambda logits, router, ranks, bias: lynx(
-        logits, dataclasses.replace(router, alpha=a), ranks, bias))(a) for a in (4.0, 5.0, 6.0)},
-    **{f"proto rank-cap +{s}": (lambda s: lambda logits, router, ranks, bias: proto_rank_cap(
-        logits, router, ranks, bias, slack=s))(s) for s in (1, 2)},
-}
-if "ep_ranks" in inspect.signature(select_experts).parameters:  # the shipped EP-aware option, once it exists
-    SELECTORS["lynx ep_ranks=R"] = lambda logits, router, ranks, bias: select_experts(
-        logits, router.top_k, alpha=router.alpha, beta=router.beta, score_bias=bias, ep_ranks=ranks, **router.rule)[1]
+    f"lynx alpha={a:g}": (lambda a: lambda logits, router, ranks, bias: lynx(
+        logits, dataclasses.replace(router, alpha=a), ranks, bias))(a) for a in (4.0, 5.0, 6.0)}
 RANK_INDEPENDENT = {"plain top-k", "lynx", "lynx alpha=4", "lynx alpha=5", "lynx alpha=6"}  # once per batch
 
 

@@ -46,7 +46,8 @@ def select_experts_op(
     ``step_state``/``step_mask``: the device's step context (``lynx_compile.step``), read at run
     time. ``seq_len``: the layer input's sequence length read from the graph (the shape rule:
     a step is a decode step when it is 1), or -1 where the layout gives none. ``policy`` and its
-    ``policy_args`` (``policies.Policy.encode``), then the router's rule (``RouterRule``).
+    ``policy_args`` (``policies.Policy.encode``: its knobs, then the expert-parallel cap's rank
+    count if any), then the router's rule (``RouterRule``).
     """
     rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
     weights, ids, voters, live = _select(router_logits, score_bias, step_state, step_mask, top_k, seq_len,
@@ -60,8 +61,9 @@ def _select(router_logits, score_bias, step_state, step_mask, top_k, seq_len, po
             rule: RouterRule):
     rerouting, live = step_decision(step_state, step_mask, router_logits.shape[0], seq_len, decode_only,
                                     router_logits.device)
-    knobs = get_policy(policy).decode(policy_args)
-    weights, ids, voters = route(router_logits, score_bias, top_k, rule, policy, knobs, rerouting, live)
+    chosen = get_policy(policy)
+    weights, ids, voters = route(router_logits, score_bias, top_k, rule, policy, chosen.decode(policy_args), rerouting,
+                                 live, chosen.ep_ranks(policy_args))
     return weights, ids, voters, live
 
 

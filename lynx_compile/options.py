@@ -38,6 +38,9 @@ _DOCS = {
     "for the shape rule (decode when it is 1) in modules outside transformers (whose layout lynx knows)",
     "mode": "None or one of Inductor's modes ('default', 'reduce-overhead', 'max-autotune', "
     "'max-autotune-no-cudagraphs'); torch.compile refuses mode= beside options=, so give it here",
+    "ep_ranks": "None, or an int >= 1 dividing each router's E: cap the kept set per expert-parallel rank "
+    "(rank r owns experts [r E/R, (r+1) E/R)) at ceil(kept / R) experts besides the voters' top-1s, so the "
+    "busiest rank reads fewer experts (policies.ep_cap); None or 1: no cap",
     "observe": "True keeps the selector an opaque op, so capture_routing() records every routing call "
     "under Inductor too (slower); False lets Inductor fuse it",
 }
@@ -86,6 +89,7 @@ class LynxOptions:
     sequence_dim: int | None = None
     mode: str | None = None
     observe: bool = False
+    ep_ranks: int | None = None
 
     def __post_init__(self):
         def bad(name: str, value: object) -> ValueError:
@@ -128,6 +132,8 @@ class LynxOptions:
             raise bad("mode", self.mode)
         if not isinstance(self.observe, bool):
             raise bad("observe", self.observe)
+        if self.ep_ranks is not None and not _valid_count(self.ep_ranks):
+            raise bad("ep_ranks", self.ep_ranks)
         if self.dump_dir is not None:  # "" means no dumps, as LYNX_DUMP_DIR="" does
             object.__setattr__(self, "dump_dir", str(Path(self.dump_dir)) if str(self.dump_dir) else None)
 

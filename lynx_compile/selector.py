@@ -23,17 +23,19 @@ import torch
 
 from .policies import get_policy
 from .policies.affinity_binning import reference_choice
+from .policies.ep_cap import cap_per_rank, check_ep_ranks
 from .policies.rules import RouterRule, check_rule, finish, healthy_rows, router_scores, rule_weights
 
 _UNSET = object()
 
 
 def route(logits: torch.Tensor, score_bias: torch.Tensor | None, top_k: int, rule: RouterRule, policy: str,
-          knobs: dict, rerouting: torch.Tensor | bool, live: torch.Tensor | None):
+          knobs: dict, rerouting: torch.Tensor | bool, live: torch.Tensor | None, ep_ranks: int | None = None):
     """One routing call: ``(weights fp32, ids int64, voters bool)``, ``[T, top_k]`` twice and ``[T]``.
 
     ``rerouting``: a bool or 0-dim bool tensor (False: plain top-k for every row); ``live``: bool
-    [T] or None (all rows live).
+    [T] or None (all rows live); ``ep_ranks``: cap the kept set per expert-parallel rank
+    (``policies.ep_cap``; None or 1: no cap).
     """
     logits = logits.float()
     bias = None if score_bias is None else score_bias.float()
@@ -46,7 +48,10 @@ def route(logits: torch.Tensor, score_bias: torch.Tensor | None, top_k: int, rul
     confined = healthy & rerouting
     voters = confined if live is None else confined & live
     kept = get_policy(policy).kept(logits, rank, affinity, voters, top_k, rule, **knobs)
-    return (*finish(logits, rank, kept, confined, healthy, top_k, rule), voters)
+    capped = ep_ranks is not None and ep_ranks > 1
+    if capped:
+        kept = cap_per_rank(kept, rank, voters, top_k, ep_ranks)
+    return (*finish(logits, rank, kept, confined, healthy, top_k, rule, refill=capped), voters)
 
 
 def reference_route(logits: torch.Tensor, top_k: int, rule: RouterRule, policy: str, knobs: dict,
@@ -109,6 +114,7 @@ def select_experts(
     scaling_factor: float = 1.0,
     live: torch.Tensor | None = None,
     decode: bool | torch.Tensor = True,
+    ep_ranks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-aware top-k over the ``T`` tokens of one step.
 
@@ -130,6 +136,9 @@ def select_experts(
             inside the kept set.
         decode: a bool or a 0-dim bool tensor on the logits' device: False gives every row
             plain top-k (a prefill).
+        ep_ranks: expert parallelism over this many ranks (rank r owns experts [r E/R,
+            (r+1) E/R)): the kept set holds at most ceil(|kept| / R) experts per rank besides
+            the voters' top-1 experts (``policies.ep_cap``). None or 1: no cap.
 
     Returns:
         ``(topk_weights, topk_ids)``: fp32 and int64, both ``[T, top_k]``. A live token gets
@@ -147,7 +156,8 @@ def select_experts(
     rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score,
                       scaling_factor)
     check_rule(rule, router_logits.shape[1], top_k, score_bias)
-    weights, ids, _ = route(router_logits, score_bias, top_k, rule, policy, knobs, decode, live)
+    check_ep_ranks(ep_ranks, router_logits.shape[1])
+    weights, ids, _ = route(router_logits, score_bias, top_k, rule, policy, knobs, decode, live, ep_ranks)
     return weights, ids
 
 

@@ -236,8 +236,8 @@ RULES = [
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
-@pytest.mark.parametrize("beta", [2, None])
-def test_decomposition_traces_functionally_and_matches_the_op(rule, beta):
+@pytest.mark.parametrize("beta,ep_ranks", [(2, None), (None, None), (2, 4)])
+def test_decomposition_traces_functionally_and_matches_the_op(rule, beta, ep_ranks):
     # Inductor needs an entirely functional graph (AOTAutograd asserts it); aot_eager with the
     # backend's decomposition table checks that cheaply, and runs the traced graph.
     from functorch.compile import make_boxed_func
@@ -254,7 +254,8 @@ def test_decomposition_traces_functionally_and_matches_the_op(rule, beta):
     bias = torch.randn(16, generator=torch.Generator().manual_seed(1)) * 0.1 if biased else None
 
     def select(logits, bias):
-        return select_op(logits, bias, state, mask, 4, 1, "lynx", [3.0, float(beta or 0)], True, full["scoring"],
+        args = [3.0, float(beta or 0)] + ([float(ep_ranks)] if ep_ranks else [])  # Policy.encode
+        return select_op(logits, bias, state, mask, 4, 1, "lynx", args, True, full["scoring"],
                          full["renormalize"], full["softmax_after_topk"], full["num_groups"], full["topk_groups"],
                          full["group_score"], full["scaling_factor"])
 

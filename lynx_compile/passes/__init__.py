@@ -62,7 +62,11 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         sequence_dim, step = sequence_rule(router, options)
         replace_dispatch(graph, dispatch)
         if options.policy != "off":
-            replace_router(gm, router, get_policy(options.policy), settings.knobs, options.decode_only, sequence_dim)
+            if options.ep_ranks is not None and router.num_experts % options.ep_ranks:
+                raise ValueError(f"{block or 'MoE layer'}: ep_ranks={options.ep_ranks} does not divide its "
+                                 f"E={router.num_experts} experts")
+            replace_router(gm, router, get_policy(options.policy), settings.knobs, options.decode_only, sequence_dim,
+                           options.ep_ranks)
         report.matched.append(_matched_layer(block, router, dispatch, options, settings, step))
 
     for node in graph.nodes:
@@ -114,7 +118,8 @@ def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptio
         beta=settings.beta if on else None,
         settings=settings.source if on else "-",
         step=step if on else "-",
-        knobs=get_policy(options.policy).describe(settings.knobs) if on else "-",
+        knobs=(get_policy(options.policy).describe(settings.knobs)
+               + (f", ep_ranks={options.ep_ranks}" if options.ep_ranks and options.ep_ranks > 1 else "")) if on else "-",
     )
 
 

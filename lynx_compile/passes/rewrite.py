@@ -83,7 +83,7 @@ _STEP_BUFFERS = ("_lynx_step_state", "_lynx_step_mask")
 
 
 def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: dict, decode_only: bool,
-                   sequence_dim: int | None) -> Node:
+                   sequence_dim: int | None, ep_ranks: int | None = None) -> Node:
     graph = gm.graph
     rule = match.rule
     state, mask = step_context_nodes(gm, match.logits)
@@ -97,7 +97,8 @@ def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: d
         select = _call(
             graph,
             torch.ops.lynx.select_experts.default,
-            (match.logits, match.score_bias, state, mask, match.top_k, seq_len, policy.name, policy.encode(knobs),
+            (match.logits, match.score_bias, state, mask, match.top_k, seq_len, policy.name,
+             policy.encode(knobs, ep_ranks),
              decode_only, rule.scoring, rule.renormalize, rule.softmax_after_topk, rule.num_groups,
              rule.topk_groups, rule.group_score, rule.scaling_factor),
             like=match.topk,

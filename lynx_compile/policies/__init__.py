@@ -85,13 +85,19 @@ class Policy:
             out[knob.name] = value
         return out
 
-    def encode(self, values: Mapping[str, object]) -> list[float]:
-        """Knobs as the op's float list (None, e.g. "no clamp", travels as 0: never a valid value)."""
-        return [0.0 if values.get(k.name) is None else float(values[k.name]) for k in self.knobs]
+    def encode(self, values: Mapping[str, object], ep_ranks: int | None = None) -> list[float]:
+        """Knobs as the op's float list (None, e.g. "no clamp", travels as 0: never a valid value),
+        then the expert-parallel cap's rank count where there is one (``ep_cap``)."""
+        args = [0.0 if values.get(k.name) is None else float(values[k.name]) for k in self.knobs]
+        return args + [float(ep_ranks)] if ep_ranks is not None and ep_ranks > 1 else args
 
     def decode(self, args) -> dict:
         return {knob.name: None if value == 0 else int(value) if knob.integer else value
                 for knob, value in zip(self.knobs, args)}
+
+    def ep_ranks(self, args) -> int | None:
+        """The rank count ``encode`` appended, or None."""
+        return int(args[len(self.knobs)]) if len(args) > len(self.knobs) else None
 
     def describe(self, values: Mapping[str, object]) -> str:
         """``alpha=3, beta=2`` (for reports)."""

@@ -166,19 +166,22 @@ def topk_by_key(key: torch.Tensor, top_k: int) -> torch.Tensor:
 # --- the final choice and weights (ALGORITHM.md steps 6-7) -------------------------------
 
 def finish(logits: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, confined: torch.Tensor,
-           healthy: torch.Tensor, top_k: int, rule: RouterRule) -> tuple[torch.Tensor, torch.Tensor]:
+           healthy: torch.Tensor, top_k: int, rule: RouterRule, refill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's best ``top_k`` experts by the router's ranking among those it may use.
 
     ``kept`` [E]: the batch's set. ``confined`` [T]: rows that must stay inside it (the rest get
     plain top-k). A healthy row that is not confined gets its plain top-k; an unhealthy one gets
     what ``torch.topk`` would give it. A confined row with fewer than ``top_k`` usable experts
-    repeats its first expert at weight 0 (its output stays finite and no expert is added).
+    repeats its first expert at weight 0 (its output stays finite and no expert is added), or
+    with ``refill`` takes its best allowed experts outside the set after those inside it.
     Returns ``(weights fp32, ids int64)``, both ``[T, top_k]``.
     """
     allowed = rank > float("-inf")
-    usable = torch.where(healthy[:, None], allowed & (kept[None, :] | ~confined[:, None]), True)
-    key = order_key(rank)
-    key = torch.where(usable, key, key - (1 << (33 + index_bits(rank.shape[-1]))))
+    preferred = torch.where(healthy[:, None], allowed & (kept[None, :] | ~confined[:, None]), True)
+    usable = torch.where(healthy[:, None], allowed, True) if refill else preferred
+    # three tiers below one another: preferred, usable only, unusable; the router's order inside each
+    tier = (~usable).to(torch.int64) + (~preferred).to(torch.int64)
+    key = order_key(rank) - tier * (1 << (33 + index_bits(rank.shape[-1])))
     ids = topk_by_key(key, top_k)
     valid = torch.arange(top_k, device=ids.device) < usable.sum(dim=-1, keepdim=True)
     ids = torch.where(valid, ids, ids[:, :1])
