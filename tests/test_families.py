@@ -89,7 +89,15 @@ def check_lynx_on(model, family, dtype):
     with reference_routing(model, family) as ref_chosen:
         ref_logits = run_eager(model, input_ids)
     assert len(ref_chosen) == len(cap.routing)
-    assert all(torch.equal(e.ids.sort(-1).values, r.sort(-1).values) for e, r in zip(cap.routing, ref_chosen))
+    same = [(e.ids.sort(-1).values == r.sort(-1).values).all(-1) for e, r in zip(cap.routing, ref_chosen)]
+    # The first MoE layer sees the eager model's own router input: the same choice, token for
+    # token. Later layers see hidden states that lynx's experts kernel rounded (fp32 sums, one
+    # rounding) where transformers rounds elsewhere: the same choices in fp32, but in bf16 one
+    # near-tie moves the batch's votes and with them other tokens' choices. There the op's
+    # exact choice on its own input (checked above) is the guarantee.
+    assert bool(same[0].all())
+    if dtype == torch.float32:
+        assert all(bool(agree.all()) for agree in same)
     torch.testing.assert_close(logits, ref_logits, **tolerance(dtype))
 
 
