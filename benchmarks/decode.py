@@ -103,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-alpha", type=float, default=1e-6, help="alpha of 'lynx keep' (keeps plain top-k)")
     p.add_argument("--router-std", type=float, default=None,
                    help="target per-token router logit std (default: from the trained model, see decode_model.py)")
-    p.add_argument("--router-model", default=str(dm.SHIPPED), help="trained model whose router spread to match")
+    p.add_argument("--router-model", default=str(dm.SHIPPED.relative_to(dm.REPO)),
+                   help="trained model whose router spread to match (relative paths: to the repository)")
     p.add_argument("--router-match", choices=("std", "top1"), default="std",
                    help="std: match the trained router's per-token logit std (default); top1: match its mean "
                    "top-1 probability (through Gaussian logits over its E)")
@@ -352,7 +353,7 @@ def main(argv=None):
         if args.router_std is not None:
             target, how, ref_stats, ref_log = args.router_std, "given with --router-std", None, None
         else:
-            target, how, ref_stats, ref_log = dm.reference_router_stats(Path(args.router_model), args.router_match)
+            target, how, ref_stats, ref_log = dm.reference_router_stats(dm.REPO / args.router_model, args.router_match)
         before, after, scales = dm.match_router_spread(model, target)
         meta["router"] = dict(target_std=target, how=how, reference=ref_stats and ref_stats.to_dict(),
                               reference_log=ref_log and {k: ref_log[k] for k in ref_log

@@ -367,17 +367,23 @@ def _loadavg() -> str:
 def read_bandwidth(model, repeats: int = 5) -> float:
     """GB/s of a plain streaming read (max over one layer's expert weights as int16): an upper
     bound for what any experts kernel can reach on this machine, under the current load."""
-    import time
-
     w = experts_modules(model)[0].gate_up_proj
     flat = w.view(torch.int16).reshape(-1) if w.element_size() == 2 else w.view(torch.int32).reshape(-1)
-    flat.max()
+    return streaming_read(flat, torch.max, repeats)
+
+
+def streaming_read(tensor: torch.Tensor, read=torch.sum, repeats: int = 5) -> float:
+    """GB/s of ``read(tensor)`` (a reduction that touches every byte once), median of ``repeats``
+    after one warm-up."""
+    import time
+
+    read(tensor)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        flat.max()
+        read(tensor)
         times.append(time.perf_counter() - start)
-    return flat.numel() * flat.element_size() / sorted(times)[len(times) // 2] / 1e9
+    return tensor.numel() * tensor.element_size() / sorted(times)[len(times) // 2] / 1e9
 
 
 def uniform_distinct(num_experts: int, top_k: int, batch: int) -> float:
@@ -386,4 +392,4 @@ def uniform_distinct(num_experts: int, top_k: int, batch: int) -> float:
 
 
 __all__ = ["SHAPES", "MoeShape", "RouterStats", "build_model", "match_router_spread", "reference_router_stats",
-           "machine_info", "read_bandwidth", "uniform_distinct", "weight_bytes", "experts_modules"]
+           "machine_info", "read_bandwidth", "streaming_read", "uniform_distinct", "weight_bytes", "experts_modules"]

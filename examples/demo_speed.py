@@ -34,6 +34,11 @@ def machine_line(bandwidth_gbs: float) -> str:
             f"streaming read {bandwidth_gbs:.1f} GB/s, load {info['loadavg']}")
 
 
+def streaming_bandwidth(megabytes: int = 256) -> float:
+    """GB/s of a plain streaming read: the sum of an fp32 tensor far larger than the caches."""
+    return dm.streaming_read(torch.ones(megabytes * 2**20 // 4))
+
+
 def memory_bound_table(batch: int = 16, layers: int = 2, rounds: int = 3, steps: int = 3, prompt_len: int = 8) -> str:
     """The table as markdown; ``layers`` x 768 MiB of bf16 experts are built and streamed."""
     shape = dm.SHAPES["olmoe"]

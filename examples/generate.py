@@ -17,7 +17,7 @@ import time
 
 import torch
 from demo_model import load_model, make_prompts
-from demo_speed import machine_line, memory_bound_table
+from demo_speed import machine_line, memory_bound_table, streaming_bandwidth
 from tqdm import tqdm
 from transformers import StaticCache
 
@@ -136,18 +136,6 @@ def main():
         print()
         with torch.no_grad():
             print(memory_bound_table())
-
-
-def streaming_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """GB/s of a plain streaming read (the sum of a tensor far larger than the caches), median of ``repeats``."""
-    data = torch.ones(megabytes * 2**20 // 4)
-    data.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / sorted(times)[repeats // 2] / 1e9
 
 
 if __name__ == "__main__":

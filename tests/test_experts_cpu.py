@@ -14,6 +14,7 @@ import torch
 import lynx_compile  # noqa: F401  (registers torch.ops.lynx)
 from lynx_compile.kernels import experts_cpu, experts_cpu_fused
 from lynx_compile.kernels.experts_cpu import choose_path, grouped_experts_cpu
+from test_ops import experts as make_experts  # (w_gate_up, w_down, w_up, b_gate_up, b_down) for a layout
 from lynx_compile.kernels.experts_ref import grouped_experts_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,23 +35,6 @@ def fused():
             pytest.fail(f"a C++ compiler is present but the fused kernel did not build: {experts_cpu_fused.build_error}")
         pytest.skip(f"no C++ compiler: {experts_cpu_fused.build_error}")
     return experts_cpu_fused.kernel()
-
-
-def make_experts(layout, num_experts, hidden, inter, dtype, seed=0):
-    """(w_gate_up, w_down, w_up, b_gate_up, b_down) for ``layout``."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(dtype)
-
-    if layout == "gate_up_concat":
-        return rand(num_experts, 2 * inter, hidden), rand(num_experts, hidden, inter), None, None, None
-    if layout == "gate_up_split":
-        return rand(num_experts, inter, hidden), rand(num_experts, hidden, inter), rand(num_experts, inter, hidden), None, None
-    if layout == "gate_up_concat_t":
-        return rand(num_experts, hidden, 2 * inter), rand(num_experts, inter, hidden), None, None, None
-    return (rand(num_experts, hidden, 2 * inter), rand(num_experts, inter, hidden), None,
-            rand(num_experts, 2 * inter), rand(num_experts, hidden))
 
 
 def routing(num_tokens, num_experts, top_k, seed=0):

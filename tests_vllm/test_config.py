@@ -14,10 +14,10 @@ def config(**environ) -> PluginConfig:
 def test_unset_off_and_lynx():
     assert config().policy is None and not config().active
     assert config(LYNX_VLLM_POLICY="off").policy == "off" and not config(LYNX_VLLM_POLICY="off").active
-    parsed = config(LYNX_VLLM_POLICY="lynx", LYNX_VLLM_STATS="/tmp/s.jsonl",
+    parsed = config(LYNX_VLLM_POLICY="lynx", LYNX_VLLM_STATS="stats/s.jsonl",
                     LYNX_VLLM_OPTIONS='{"alpha": 2.5, "beta": "none", "decode_only": false, '
                                       '"layer_settings": {"model.layers.0.mlp": [1, 2]}}')
-    assert parsed.active and parsed.stats_path == "/tmp/s.jsonl"
+    assert parsed.active and parsed.stats_path == "stats/s.jsonl"
     assert (parsed.options.alpha, parsed.options.beta, parsed.options.decode_only) == (2.5, "none", False)
     assert parsed.options.layer_settings == {"model.layers.0.mlp": [1, 2]}
 

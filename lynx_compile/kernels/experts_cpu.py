@@ -24,7 +24,7 @@ import functools
 import torch
 
 from . import experts_cpu_fused
-from .experts_ref import check_expert_ids, check_experts_args, expert_mlp
+from .experts_ref import check_call_shapes, check_expert_ids, check_experts_args, expert_mlp
 
 _TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
 
@@ -78,20 +78,6 @@ def expert_sizes(layout: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, w_u
     return hidden_size, inter_size
 
 
-def check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size) -> None:
-    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be a float [T, {hidden_size}] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids must be int32/int64 [T, k] with T = {hidden.shape[0]}, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids {tuple(topk_ids.shape)}")
-    num_experts = w_gate_up.shape[0]
-    if b_gate_up is not None and tuple(b_gate_up.shape) != (num_experts, 2 * inter_size):
-        raise ValueError(f"b_gate_up must be {(num_experts, 2 * inter_size)}, got {tuple(b_gate_up.shape)}")
-    if b_down is not None and tuple(b_down.shape) != (num_experts, hidden_size):
-        raise ValueError(f"b_down must be {(num_experts, hidden_size)}, got {tuple(b_down.shape)}")
-
-
 def choose_path(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtype, unsupported: str | None = None) -> str:
     """``"fused"`` or ``"grouped_mm"`` for a call with these shapes (``unsupported``: why the
     fused kernel cannot take the tensors, see ``experts_cpu_fused.weight_geometry``)."""
@@ -107,7 +93,7 @@ def grouped_experts_cpu(
     """The op's CPU kernel. ``path`` forces ``"fused"`` or ``"grouped_mm"`` (tests, benchmarks)."""
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
     hidden_size, inter_size = expert_sizes(layout, w_gate_up, w_down, w_up)
-    check_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
+    check_call_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
     check_expert_ids(topk_ids, w_gate_up.shape[0])
     num_tokens, top_k = topk_ids.shape
     geometry = experts_cpu_fused.weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout, inter_size)

@@ -56,6 +56,21 @@ def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, l
         raise ValueError(f"layout {layout!r} takes no biases")
 
 
+def check_call_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size) -> None:
+    """The shapes and dtypes of one experts call's tokens, routing and biases (every kernel checks them)."""
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be a float [T, {hidden_size}] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32/int64 [T, k] with T = {hidden.shape[0]}, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids {tuple(topk_ids.shape)}")
+    num_experts = w_gate_up.shape[0]
+    if b_gate_up is not None and tuple(b_gate_up.shape) != (num_experts, 2 * inter_size):
+        raise ValueError(f"b_gate_up must be {(num_experts, 2 * inter_size)}, got {tuple(b_gate_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (num_experts, hidden_size):
+        raise ValueError(f"b_down must be {(num_experts, hidden_size)}, got {tuple(b_down.shape)}")
+
+
 def check_expert_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
     """Ids must name one of the ``num_experts`` experts, or be the sentinel ``num_experts``."""
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) > num_experts):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from .experts_ref import check_experts_args
+from .experts_ref import check_call_shapes, check_experts_args
 from .triton_experts_config import ExpertsConfig, default_config
 from .triton_experts_gemm import GELU, GELU_TANH, RELU, SILU, SWIGLU_OAI, down_kernel, gate_up_kernel, sum_slots_kernel
 from .triton_moe_align import align_routing
@@ -92,20 +92,10 @@ def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
 
 
 def _check_tensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, hidden_size, inter_size):
-    if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be a float [T, {hidden_size}] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids must be int32/int64 [T, k] with T = {hidden.shape[0]}, got {topk_ids.dtype} {tuple(topk_ids.shape)}")
-    if topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must match topk_ids {tuple(topk_ids.shape)}")
+    check_call_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
     weights = [w for w in (w_gate_up, w_down, w_up) if w is not None]
     if w_gate_up.dtype not in _WEIGHT_DTYPES or any(w.dtype != w_gate_up.dtype for w in weights):
         raise ValueError(f"expert weights must share one dtype of {_WEIGHT_DTYPES}, got {[w.dtype for w in weights]}")
-    num_experts = w_gate_up.shape[0]
-    if b_gate_up is not None and tuple(b_gate_up.shape) != (num_experts, 2 * inter_size):
-        raise ValueError(f"b_gate_up must be {(num_experts, 2 * inter_size)}, got {tuple(b_gate_up.shape)}")
-    if b_down is not None and tuple(b_down.shape) != (num_experts, hidden_size):
-        raise ValueError(f"b_down must be {(num_experts, hidden_size)}, got {tuple(b_down.shape)}")
     tensors = [hidden, topk_ids, topk_weights, *weights, *(b for b in (b_gate_up, b_down) if b is not None)]
     if any(t.device != hidden.device for t in tensors):
         raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
