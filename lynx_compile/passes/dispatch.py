@@ -355,7 +355,7 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     if isinstance(gate, str):
         return gate
     if strip(_gemm_input(second), LAYOUT_KINDS) is not gate.output:
-        return "the second GEMM does not read the gated activation"
+        return f"the second GEMM does not read the activation matched ({gate.activation}, {gate.form})"
 
     weighted = [n for n in nodes if op_kind(n) == "mul" and n not in gate.nodes]
     if len(weighted) != 1 or not _weighs_output(weighted[0], second.node, weights):
