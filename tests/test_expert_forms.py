@@ -24,10 +24,11 @@ from lynx_compile.kernels.experts_ref import grouped_experts_reference
 from test_ops import experts as make_experts
 
 
-def first_block(family: str):
+def first_block(family: str, implementation: str = "grouped_mm"):
     entry = family_zoo.build(family)
     if entry.model is None:
         pytest.skip(entry.skip_reason)
+    entry.model.set_experts_implementation(implementation)
     block = entry.model.get_submodule(entry.moe_blocks[0])
     hidden = torch.randn(2, 5, block.experts.hidden_dim, generator=torch.Generator().manual_seed(0))
     return block, hidden
@@ -68,14 +69,15 @@ def low_limit(block, hidden):
     return block.experts.swiglu_limit
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
 @pytest.mark.parametrize("family,setup,activation,layout", [
     ("minimax_m3_vl", low_limit, "swiglu_oai", "gate_up_concat"),
     ("hy_v4", low_limit, "silu_clamped", "gate_up_concat"),
     ("inkling2", lambda block, hidden: softcaps(block, 0.5, 0.25) or None, "swiglu_softcapped", "gate_up_concat"),
     ("nemotron_h", lambda block, hidden: None, "relu2", "up_only"),
 ])
-def test_family_form_matches_with_its_constants(family, setup, activation, layout, monkeypatch):
-    block, hidden = first_block(family)
+def test_family_form_matches_with_its_constants(family, setup, activation, layout, implementation, monkeypatch):
+    block, hidden = first_block(family, implementation)
     limit = setup(block, hidden)
     out, expected, report, calls = run_lynx(block, hidden, monkeypatch)
     assert [(m.layout, m.activation) for m in report.matched] == [(layout, activation)], report.unmatched

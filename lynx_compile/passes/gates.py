@@ -253,7 +253,8 @@ def _squares(node: Node, region: set[Node]) -> Node | None:
 def up_only(first: Node, nodes: list[Node]) -> GateMatch | str:
     """``act(up)``: transformers' ``has_gate=False`` experts (NemotronH), act in silu, gelu, relu, relu2."""
     region = set(nodes)
-    acts = [n for n in _consumers(first, region, set(ACTIVATION_KINDS)) if _reads(n.args[0], first)]
+    # the whole output (no slice of it), past casts, views and an expert-parallel masked_fill
+    acts = [n for n in nodes if activation_name(n) and strip(n.args[0], {"cast", "view", "masked_fill"}) is first]
     if len(acts) != 1:
         return "no gate: no known activation (silu, gelu, relu, relu2) on the first GEMM's output"
     act = acts[0]
