@@ -105,7 +105,7 @@ def grouped_experts_op(
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``.
 
-    Gated-MLP experts stored as ``layout`` describes (``kernels/experts_ref.py``). Output has
+    MLP experts (gated, or an up projection alone) stored as ``layout`` describes (``kernels/experts_ref.py``). Output has
     ``hidden``'s dtype and shape. An id equal to the number of experts in the weights is an
     empty slot (expert parallelism: the expert lives on another rank) and adds nothing. This default implementation serves devices without a
     specialised kernel.

@@ -22,7 +22,11 @@ CASES = [  # layout, activation, activation_args
     ("gate_up_concat", "silu", []), ("gate_up_concat", "gelu", []), ("gate_up_concat", "gelu_tanh", []),
     ("gate_up_concat", "relu", []), ("gate_up_split", "silu", []), ("gate_up_concat_t", "silu", []),
     ("gate_up_interleaved_t", "swiglu_oai", [1.702, 7.0]),
+    # gate and up are about N(0, 1): these limits and softcaps bite
+    ("gate_up_concat", "swiglu_oai", [1.702, 0.5]), ("gate_up_concat", "silu_clamped", [0.5]),
+    ("gate_up_concat", "swiglu_softcapped", [0.5, 0.3]), ("up_only", "relu2", []), ("up_only", "silu", []),
 ]
+NEW_FORMS = CASES[7:]
 # H not a multiple of the vector width or of 4 weight rows, and past one K chunk (512) of the dot kernel; I not a
 # multiple of the gate block (16), of 4 weight rows or of 32 / 8 output columns.
 SHAPES = [(45, 20), (600, 37)]
@@ -67,14 +71,14 @@ def test_fused_matches_reference(fused, layout, activation, args, dtype, hidden_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout,activation,args", [CASES[0], CASES[4], CASES[5], CASES[6]])
+@pytest.mark.parametrize("layout,activation,args", [CASES[0], CASES[4], CASES[5], CASES[6], *NEW_FORMS])
 def test_grouped_mm_matches_reference(layout, activation, args, dtype):
     w = make_experts(layout, 8, 44, 20, dtype)
     ids, weights = routing(11, 8, 3, seed=1)
     check("grouped_mm", torch.randn(11, 44).to(dtype), ids, weights, w, activation, layout, args)
 
 
-@pytest.mark.parametrize("layout,activation,args", [CASES[0], CASES[5], CASES[6]])
+@pytest.mark.parametrize("layout,activation,args", [CASES[0], CASES[5], CASES[6], CASES[-2]])
 @pytest.mark.parametrize(
     "num_tokens,top_k,ids",
     [
@@ -114,7 +118,7 @@ def test_fused_strided_and_unaligned_inputs(fused, dtype):
 
 
 def test_fused_reads_only_used_experts(fused):
-    for layout in ("gate_up_concat", "gate_up_interleaved_t"):
+    for layout in ("gate_up_concat", "gate_up_interleaved_t", "up_only"):
         w = make_experts(layout, 6, 44, 20, torch.float32)
         for t in w:
             if t is not None:

@@ -43,6 +43,8 @@ def experts(layout, num_experts=6, hidden=20, inter=12, dtype=torch.float32, see
         return rand(num_experts, inter, hidden), rand(num_experts, hidden, inter), rand(num_experts, inter, hidden), None, None
     if layout == "gate_up_concat_t":
         return rand(num_experts, hidden, 2 * inter), rand(num_experts, inter, hidden), None, None, None
+    if layout == "up_only":
+        return rand(num_experts, inter, hidden), rand(num_experts, hidden, inter), None, None, None
     return (rand(num_experts, hidden, 2 * inter), rand(num_experts, inter, hidden), None,
             rand(num_experts, 2 * inter), rand(num_experts, hidden))
 
@@ -58,6 +60,9 @@ LAYOUT_CASES = [
     ("gate_up_concat", "silu", []), ("gate_up_concat", "gelu_tanh", []),
     ("gate_up_split", "silu", []), ("gate_up_concat_t", "relu", []),
     ("gate_up_interleaved_t", "swiglu_oai", [1.702, 7.0]),
+    # low limits and softcaps: gate and up are about N(0, 1), so the clamps and caps bite
+    ("gate_up_concat", "swiglu_oai", [1.702, 0.5]), ("gate_up_concat", "silu_clamped", [0.5]),
+    ("gate_up_concat", "swiglu_softcapped", [0.5, 0.3]), ("up_only", "relu2", []), ("up_only", "gelu", []),
 ]
 
 
@@ -145,6 +150,10 @@ def test_cpu_experts_reads_only_used_experts():
         ("gate_up_concat", "tanh", [], False, "unknown activation"),
         ("gate_up_concat", "swiglu_oai", [], False, "activation_args"),
         ("gate_up_split", "silu", [], False, "needs w_up"),
+        ("gate_up_concat", "silu_clamped", [], False, r"takes \[limit\] activation_args"),
+        ("gate_up_concat", "swiglu_softcapped", [1.0, 0.0], False, "positive softcaps"),
+        ("gate_up_concat", "relu2", [], False, "unknown activation 'relu2' for a gated layout"),
+        ("up_only", "swiglu_oai", [1.702, 7.0], False, "unknown activation 'swiglu_oai' for an ungated layout"),
     ],
 )
 def test_experts_bad_arguments(layout, activation, args, w_up, match):

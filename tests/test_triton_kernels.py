@@ -67,6 +67,8 @@ def make_experts(layout, num_tokens, hidden, inter, num_experts, k, dtype, *, bi
     elif layout == "gate_up_split":
         w_gate_up, w_down = randn(num_experts, inter, hidden, scale=w_in), randn(num_experts, hidden, inter, scale=w_out)
         w_up = randn(num_experts, inter, hidden, scale=w_in)
+    elif layout == "up_only":
+        w_gate_up, w_down = randn(num_experts, inter, hidden, scale=w_in), randn(num_experts, hidden, inter, scale=w_out)
     else:
         w_gate_up, w_down = randn(num_experts, hidden, 2 * inter, scale=w_in), randn(num_experts, inter, hidden, scale=w_out)
     if bias:
@@ -74,7 +76,8 @@ def make_experts(layout, num_tokens, hidden, inter, num_experts, k, dtype, *, bi
     return x, ids.to(DEVICE), weights.to(DEVICE), w_gate_up, w_down, w_up, b_gate_up, b_down
 
 
-ACTIVATION_ARGS = {"swiglu_oai": [1.702, 1.5]}  # a low limit, so the clamps bite
+# Gate and up are about N(0, 1): low limits and softcaps, so the clamps and caps bite.
+ACTIVATION_ARGS = {"swiglu_oai": [1.702, 1.5], "silu_clamped": [0.8], "swiglu_softcapped": [1.0, 0.7]}
 
 
 def check_experts(args, activation, layout, *, config=None, dtype=None):
@@ -96,6 +99,9 @@ LAYOUT_CASES = [
     ("gate_up_concat_t", "silu", False),
     ("gate_up_interleaved_t", "swiglu_oai", True),
     ("gate_up_interleaved_t", "silu", True),
+    *[("gate_up_concat", act, False) for act in ("swiglu_oai", "silu_clamped", "swiglu_softcapped")],
+    ("up_only", "relu2", False),
+    ("up_only", "gelu_tanh", False),
 ]
 
 
@@ -134,7 +140,7 @@ SMALL_BLOCKS = ExpertsConfig(block_m=16, gate_up_block_n=16, gate_up_block_k=16,
                              down_block_k=16, split_k=2, num_warps=4, num_stages=2)
 
 
-@pytest.mark.parametrize("layout,activation,bias", [LAYOUT_CASES[0], LAYOUT_CASES[4], LAYOUT_CASES[5]])
+@pytest.mark.parametrize("layout,activation,bias", [LAYOUT_CASES[0], LAYOUT_CASES[4], LAYOUT_CASES[5], LAYOUT_CASES[-2]])
 def test_experts_small_blocks_split_k_and_multi_tile(layout, activation, bias):
     # 30 tokens on 3 experts: 20 rows each, two 16-row tiles; I = 40 is 3 N-tiles and
     # 2 K-splits of 32 (the last one ragged); H = 48 is 3 K-steps.

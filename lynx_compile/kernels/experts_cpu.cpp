@@ -1,12 +1,13 @@
-// Grouped gated-MLP experts on CPU, built for decode: one call per MoE layer, every active
-// expert's weights streamed from memory once, fp32 accumulation.
+// Grouped MLP experts (gated, or an up projection alone) on CPU, built for decode: one call per
+// MoE layer, every active expert's weights streamed from memory once, fp32 accumulation.
 //
 // Compiled at first use by Inductor's C++ code cache (experts_cpu_fused.py), with the vector ISA
 // Inductor picks for this machine (at::vec: AVX2, AVX512, NEON, SVE, or scalar).
 //
 //   0. (serial)   counting sort of the T*k (token, slot) pairs by expert; ids are checked here;
 //   1. gate_up    items = (active expert, block of I): gate and up columns for all the expert's
-//                 rows, + bias, act(gate) * up, into A[pair sorted by expert, I] (fp32);
+//                 rows, + bias, act(gate) * up (or act(up) without a gate), into
+//                 A[pair sorted by expert, I] (fp32);
 //   2. down       items = (active expert, block of H): A rows @ W_down, + bias, into Y[pair, H];
 //   3. sum        out[t] = sum_j w[t, j] * Y[(t, j)], j = 0..k-1 in order (the reference's order),
 //                 cast to the output dtype.
@@ -74,7 +75,11 @@ constexpr int64_t DOT_GATE_BLOCK = 16, DOT_DOWN_BLOCK = 32;
 constexpr int64_t AXPY_GATE_BLOCK = LYNX_AXPY_BLOCK, AXPY_DOWN_BLOCK = LYNX_AXPY_BLOCK;
 
 enum Dtype : int64_t { F32 = 0, BF16 = 1, F16 = 2 };
-enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, SWIGLU_OAI = 4 };
+enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, SWIGLU_OAI = 4, SILU_CLAMPED = 5,
+                     SWIGLU_SOFTCAPPED = 6, RELU2 = 7 };
+// How gate and up sit in the first projection: two blocks of columns (or two matrices),
+// alternating columns (GPT-OSS), or no gate at all (the projection is up).
+enum GateForm : int64_t { HALVES = 0, INTERLEAVED = 1, UP_ONLY = 2 };
 
 template <typename T>
 inline fVec load_f(const T* p) {
@@ -261,26 +266,48 @@ void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const f
 
 // ---- activation ----------------------------------------------------------------------------
 
-inline float act_scalar(float g, float u, int64_t act, float alpha, float limit) {
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+inline float unary(float x, int64_t act) {
   switch (act) {
-    case SILU: return g / (1.f + std::exp(-g)) * u;
-    case GELU: return 0.5f * g * (1.f + std::erf(g * 0.70710678118654752f)) * u;
+    case SILU: return x / (1.f + std::exp(-x));
+    case GELU: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
     case GELU_TANH: {
-      const float inner = 0.79788456080286536f * (g + 0.044715f * g * g * g);
-      return 0.5f * g * (1.f + std::tanh(inner)) * u;
+      const float inner = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      return 0.5f * x * (1.f + std::tanh(inner));
     }
-    case RELU: return (g > 0.f ? g : 0.f) * u;
-    default: {  // SWIGLU_OAI
-      g = std::min(g, limit);
-      u = std::min(std::max(u, -limit), limit);
-      return (u + 1.f) * (g / (1.f + std::exp(-g * alpha)));
-    }
+    case RELU: return x > 0.f ? x : 0.f;
+    default: return x > 0.f ? x * x : 0.f;  // RELU2
   }
 }
 
-// gate[i] <- act(gate[i]) * up[i]; silu (the common case) vectorised.
-inline void activate(float* gate, const float* up, int64_t n, int64_t act, float alpha, float limit) {
+// The gated activations (experts_ref.gated_activation); p0, p1 are the activation_args.
+inline float act_scalar(float g, float u, int64_t act, float p0, float p1) {
+  switch (act) {
+    case SWIGLU_OAI: {  // p0 = alpha, p1 = limit
+      g = std::min(g, p1);
+      u = std::min(std::max(u, -p1), p1);
+      return (u + 1.f) * (g / (1.f + std::exp(-g * p0)));
+    }
+    case SILU_CLAMPED: {  // p0 = limit
+      g = std::min(g, p0);
+      u = std::min(std::max(u, -p0), p0);
+      return g / (1.f + std::exp(-g)) * u;
+    }
+    case SWIGLU_SOFTCAPPED:  // p0, p1 = the gate's and up's softcaps
+      return std::tanh(g / p0) * p0 * sigmoid(g) * (std::tanh(u / p1) * p1);
+    default: return unary(g, act) * u;
+  }
+}
+
+// gate[i] <- act(gate[i]) * up[i], or act(gate[i]) without up; gated silu (the common case)
+// vectorised.
+inline void activate(float* gate, const float* up, int64_t n, int64_t act, float p0, float p1) {
   int64_t i = 0;
+  if (up == nullptr) {
+    for (; i < n; i++) gate[i] = unary(gate[i], act);
+    return;
+  }
   if (act == SILU) {
     const fVec one(1.f);
     for (; i + V <= n; i += V) {
@@ -289,7 +316,7 @@ inline void activate(float* gate, const float* up, int64_t n, int64_t act, float
       (g * s * fVec::loadu(up + i)).store(gate + i);
     }
   }
-  for (; i < n; i++) gate[i] = act_scalar(gate[i], up[i], act, alpha, limit);
+  for (; i < n; i++) gate[i] = act_scalar(gate[i], up[i], act, p0, p1);
 }
 
 // ---- the layer -----------------------------------------------------------------------------
@@ -301,13 +328,13 @@ struct Args {
   const int64_t* ids;
   const float* routed;
   Mat gate, up, down;
-  int64_t gate_off, up_off, interleaved;  // gate column j of M_gate is gate_off + j (or 2j)
+  int64_t gate_off, up_off, gate_form;    // gate column j of M_gate is gate_off + j (or 2j: INTERLEAVED)
   const void* b_gate_up;                  // [E, 2I] over M_gate's columns, or null
   int64_t b_gate_up_se, b_gate_up_sc;
   const void* b_down;                     // [E, H], or null
   int64_t b_down_se, b_down_sc;
   int64_t act;
-  float alpha, limit;
+  float p0, p1;  // the activation's constants (activation_args), 0 where it has none
   void* out;
   int64_t out_dtype;
   int64_t threads;
@@ -415,7 +442,8 @@ void run(const Args& a) {
       int64_t ld = nj;
       float* gate = th.gate.data();
       float* up = th.up.data();
-      if (a.interleaved) {  // gate and up alternate: one contiguous block of 2 * nj columns
+      const bool interleaved = a.gate_form == INTERLEAVED, gated = a.gate_form != UP_ONLY;
+      if (interleaved) {  // gate and up alternate: one contiguous block of 2 * nj columns
         project<T>(a.gate, e, H, a.gate_off + 2 * j0, 2 * nj, th.rows.data(), R, gate, 2 * nj, th.acc);
         for (int64_t r = 0; r < R; r++)
           for (int64_t j = 0; j < nj; j++) {
@@ -424,14 +452,14 @@ void run(const Args& a) {
           }
       } else {
         project<T>(a.gate, e, H, a.gate_off + j0, nj, th.rows.data(), R, gate, ld, th.acc);
-        project<T>(a.up, e, H, a.up_off + j0, nj, th.rows.data(), R, up, ld, th.acc);
+        if (gated) project<T>(a.up, e, H, a.up_off + j0, nj, th.rows.data(), R, up, ld, th.acc);
       }
-      if (a.b_gate_up) {
-        const int64_t step = a.interleaved ? 2 : 1;
+      if (a.b_gate_up && gated) {
+        const int64_t step = interleaved ? 2 : 1;
         for (int64_t j = 0; j < nj; j++) {
           const float bg = bias_at<T>(a.b_gate_up, a.b_gate_up_se, a.b_gate_up_sc, e, a.gate_off + step * (j0 + j));
           const float bu = bias_at<T>(a.b_gate_up, a.b_gate_up_se, a.b_gate_up_sc, e,
-                                      a.interleaved ? a.gate_off + 2 * (j0 + j) + 1 : a.up_off + j0 + j);
+                                      interleaved ? a.gate_off + 2 * (j0 + j) + 1 : a.up_off + j0 + j);
           for (int64_t r = 0; r < R; r++) {
             gate[r * ld + j] += bg;
             up[r * ld + j] += bu;
@@ -439,7 +467,7 @@ void run(const Args& a) {
         }
       }
       for (int64_t r = 0; r < R; r++) {
-        activate(gate + r * ld, up + r * ld, nj, a.act, a.alpha, a.limit);
+        activate(gate + r * ld, gated ? up + r * ld : nullptr, nj, a.act, a.p0, a.p1);
         std::copy(gate + r * ld, gate + r * ld + nj, A + (s0 + r) * I + j0);
       }
     }
@@ -493,15 +521,15 @@ void kernel(const void* hidden, const int64_t* ids, const float* routed, const v
             const void* w_down, const void* b_gate_up, const void* b_down, void* out,
             int64_t T, int64_t H, int64_t I, int64_t k, int64_t E, int64_t hidden_ld, int64_t hidden_dtype,
             int64_t weight_dtype, int64_t gate_se, int64_t gate_si, int64_t gate_so, int64_t gate_off,
-            int64_t up_se, int64_t up_si, int64_t up_so, int64_t up_off, int64_t interleaved,
+            int64_t up_se, int64_t up_si, int64_t up_so, int64_t up_off, int64_t gate_form,
             int64_t down_se, int64_t down_si, int64_t down_so, int64_t has_b_gate_up, int64_t b_gate_up_se,
             int64_t b_gate_up_sc, int64_t has_b_down, int64_t b_down_se, int64_t b_down_sc, int64_t act,
-            float alpha, float limit, int64_t threads) {
+            float p0, float p1, int64_t threads) {
   using namespace lynx_experts;
   Args a{T, H, I, k, E, hidden, hidden_ld, hidden_dtype, ids, routed,
          Mat{w_gate, gate_se, gate_si, gate_so}, Mat{w_up, up_se, up_si, up_so}, Mat{w_down, down_se, down_si, down_so},
-         gate_off, up_off, interleaved, has_b_gate_up ? b_gate_up : nullptr, b_gate_up_se, b_gate_up_sc,
-         has_b_down ? b_down : nullptr, b_down_se, b_down_sc, act, alpha, limit, out, hidden_dtype,
+         gate_off, up_off, gate_form, has_b_gate_up ? b_gate_up : nullptr, b_gate_up_se, b_gate_up_sc,
+         has_b_down ? b_down : nullptr, b_down_se, b_down_sc, act, p0, p1, out, hidden_dtype,
          std::max<int64_t>(threads, 1)};
   if (T == 0) return;
   if (weight_dtype == F32) run<float>(a);

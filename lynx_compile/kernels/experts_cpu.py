@@ -67,9 +67,10 @@ def expert_sizes(layout: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, w_u
     else:
         width, hidden_size = w_gate_up.shape[1], w_gate_up.shape[2]
     split = layout == "gate_up_split"
-    if not split and width % 2:
+    halves = not split and layout != "up_only"  # gate and up share w_gate_up
+    if halves and width % 2:
         raise ValueError(f"layout {layout!r} needs an even gate_up width, got {tuple(w_gate_up.shape)}")
-    inter_size = width if split else width // 2
+    inter_size = width // 2 if halves else width
     if split and w_up.shape != w_gate_up.shape:
         raise ValueError(f"w_up must have w_gate_up's shape {tuple(w_gate_up.shape)}, got {tuple(w_up.shape)}")
     down_shape = (num_experts, inter_size, hidden_size) if layout in _TRANSPOSED else (num_experts, hidden_size, inter_size)

@@ -22,7 +22,11 @@ from .experts_ref import ACTIVATIONS
 DISABLE_ENV = "LYNX_CPU_FUSED_EXPERTS"
 SOURCE = Path(__file__).with_name("experts_cpu.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ACTIVATION_CODES = {name: i for i, name in enumerate(("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"))}
+ACTIVATION_CODES = {  # experts_cpu.cpp's enum Act
+    name: i for i, name in enumerate(("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai", "silu_clamped",
+                                      "swiglu_softcapped", "relu2"))
+}
+GATE_FORMS = {"gate_up_interleaved_t": 1, "up_only": 2}  # enum GateForm; the others: 0 (two halves or matrices)
 assert set(ACTIVATION_CODES) == set(ACTIVATIONS)
 
 _ARGTYPES = (
@@ -91,11 +95,12 @@ def weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout: str, int
         return "a weight with neither matrix dimension contiguous"
     if (b_gate_up is not None and b_gate_up.dtype != dtype) or (b_down is not None and b_down.dtype != dtype):
         return "bias dtype differs from the weights'"
-    interleaved = layout == "gate_up_interleaved_t"
-    up_off = 0 if w_up is not None else (1 if interleaved else inter_size)
+    gate_form = GATE_FORMS.get(layout, 0)
+    halves = layout in ("gate_up_concat", "gate_up_concat_t")  # up: the columns after the gate's
+    up_off = inter_size if halves else (1 if layout == "gate_up_interleaved_t" else 0)
     bias_gate_up = (1, *b_gate_up.stride()) if b_gate_up is not None else (0, 0, 0)
     bias_down = (1, *b_down.stride()) if b_down is not None else (0, 0, 0)
-    return (code, *gate, 0, *up, up_off, int(interleaved), *down, *bias_gate_up, *bias_down)
+    return (code, *gate, 0, *up, up_off, gate_form, *down, *bias_gate_up, *bias_down)
 
 
 def fused_experts(
@@ -112,13 +117,13 @@ def fused_experts(
     if routed.dtype != torch.float32 or not routed.is_contiguous():
         routed = routed.float().contiguous()
     out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype)
-    alpha, limit = activation_args if activation == "swiglu_oai" else (0.0, 0.0)
+    p0, p1 = (*activation_args, 0.0, 0.0)[:2]  # the kernel's two activation constants
     try:
         run(
             hidden, ids, routed, w_gate_up, w_gate_up if w_up is None else w_up, w_down,
             w_gate_up if b_gate_up is None else b_gate_up, w_gate_up if b_down is None else b_down, out,
             num_tokens, hidden_size, inter_size, ids.shape[1], w_gate_up.shape[0], hidden.stride(0),
-            DTYPE_CODES[hidden.dtype], *geometry, ACTIVATION_CODES[activation], float(alpha), float(limit), threads,
+            DTYPE_CODES[hidden.dtype], *geometry, ACTIVATION_CODES[activation], float(p0), float(p1), threads,
         )
     except RuntimeError as e:  # the kernel's own checks (expert ids in range)
         raise ValueError(f"lynx::grouped_experts: {e}") from None

@@ -1,4 +1,4 @@
-"""Reference gated-MLP experts: the plain, obviously-correct definition in fp32.
+"""Reference MLP experts: the plain, obviously-correct definition in fp32.
 
 Every experts kernel (CPU, Triton) is tested against this. It gathers one weight matrix per
 (token, slot), so it reads T*k matrices: fine for tests, never for speed.
@@ -11,11 +11,19 @@ Layouts (how the expert weights are stored):
   gate_up_interleaved_t  GPT-OSS: w_gate_up [E, H, 2I] with gate/up in alternating columns
                          and w_down [E, I, H] (y = x @ W), optional biases [E, 2I] / [E, H].
   gate_up_split          gpt-fast: gate w_gate_up [E, I, H], up w_up [E, I, H], w_down [E, H, I].
+  up_only                no gate (transformers' ``has_gate=False``, NemotronH): w_gate_up holds the
+                         up projection [E, I, H], w_down [E, H, I]; out = down(act(up(x))).
 Expert ids: ``0 <= id < E``, or ``E`` (the sentinel of expert parallelism: the slot's expert lives
 on another rank; the slot adds nothing).
-Activations: f(gate) * up for f in silu / gelu / gelu_tanh / relu, and swiglu_oai (GPT-OSS):
-  (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit),
-  with activation_args = [alpha, limit].
+Activations of the gated layouts, with their activation_args:
+  silu / gelu / gelu_tanh / relu   f(gate) * up                                         []
+  swiglu_oai        GPT-OSS, MiniMax-M3: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g),
+                    g = clamp(gate, max=l)                                              [alpha, l]
+  silu_clamped      HY-V4: silu(clamp(gate, max=l)) * clamp(up, -l, l)                  [l]
+  swiglu_softcapped Inkling2: cap(gate, a) * sigmoid(gate) * cap(up, b),
+                    cap(x, c) = c * tanh(x / c)                                         [a, b]
+Activations of the up_only layout: act(up) for silu / gelu / gelu_tanh / relu, and relu2
+(relu(x) ** 2), none taking activation_args.
 """
 
 from __future__ import annotations
@@ -23,15 +31,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("gate_up_concat", "gate_up_concat_t", "gate_up_interleaved_t", "gate_up_split")
+LAYOUTS = ("gate_up_concat", "gate_up_concat_t", "gate_up_interleaved_t", "gate_up_split", "up_only")
 _TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")  # weights stored [E, in, out]: y = x @ W
-_GLU = {
+_UNARY = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-ACTIVATIONS = (*_GLU, "swiglu_oai")
+# Gated activations with constants: their activation_args, by name.
+_GATED_ARGS = {
+    "swiglu_oai": ("alpha", "limit"),
+    "silu_clamped": ("limit",),
+    "swiglu_softcapped": ("gate_softcap", "up_softcap"),
+}
+GATED_ACTIVATIONS = (*_UNARY, *_GATED_ARGS)
+UNGATED_ACTIVATIONS = (*_UNARY, "relu2")
+ACTIVATIONS = (*GATED_ACTIVATIONS, "relu2")
+
+
+def activation_arg_names(activation: str) -> tuple[str, ...]:
+    return _GATED_ARGS.get(activation, ())
+
+
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, args: list[float]) -> torch.Tensor:
@@ -40,16 +64,34 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, args
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    return _GLU[activation](gate) * up
+    if activation == "silu_clamped":
+        (limit,) = args
+        return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+    if activation == "swiglu_softcapped":
+        gate_cap, up_cap = args
+        return _softcap(gate, gate_cap) * torch.sigmoid(gate) * _softcap(up, up_cap)
+    return _UNARY[activation](gate) * up
+
+
+def ungated_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu2":
+        return F.relu(x).square()
+    return _UNARY[activation](x)
 
 
 def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown experts layout {layout!r}; valid: {', '.join(LAYOUTS)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-    if (activation == "swiglu_oai") != (len(args) == 2) or (activation != "swiglu_oai" and args):
-        raise ValueError(f"activation {activation!r} takes {'[alpha, limit]' if activation == 'swiglu_oai' else 'no'} activation_args, got {args}")
+    valid = UNGATED_ACTIVATIONS if layout == "up_only" else GATED_ACTIVATIONS
+    if activation not in valid:
+        kind = "an ungated" if layout == "up_only" else "a gated"
+        raise ValueError(f"unknown activation {activation!r} for {kind} layout ({layout!r}); valid: {', '.join(valid)}")
+    names = activation_arg_names(activation)
+    if len(args) != len(names):
+        raise ValueError(f"activation {activation!r} takes {'[' + ', '.join(names) + ']' if names else 'no'} "
+                         f"activation_args, got {args}")
+    if activation == "swiglu_softcapped" and not all(cap > 0 for cap in args):
+        raise ValueError(f"activation 'swiglu_softcapped' needs positive softcaps, got {args}")
     if (layout == "gate_up_split") != (w_up is not None):
         raise ValueError(f"layout {layout!r} {'needs' if layout == 'gate_up_split' else 'takes no'} w_up")
     if layout != "gate_up_interleaved_t" and (b_gate_up is not None or b_down is not None):
@@ -86,19 +128,23 @@ def _project(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor
 
 
 def expert_mlp(x, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, args, project=_project):
-    """The gated MLP on rows ``x``, in ``x``'s dtype. ``project(rows, w, transposed)`` applies
+    """The expert MLP on rows ``x``, in ``x``'s dtype. ``project(rows, w, transposed)`` applies
     the weights: by default 3-D weights hold one matrix per row; biases are per row."""
     transposed = layout in _TRANSPOSED
     gate_up = project(x, w_gate_up, transposed)
     if b_gate_up is not None:
         gate_up = gate_up + b_gate_up
-    if layout == "gate_up_interleaved_t":
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    elif layout == "gate_up_split":
-        gate, up = gate_up, project(x, w_up, transposed)
+    if layout == "up_only":
+        hidden = ungated_activation(gate_up, activation)
     else:
-        gate, up = gate_up.chunk(2, dim=-1)
-    out = project(gated_activation(gate, up, activation, args).contiguous(), w_down, transposed)
+        if layout == "gate_up_interleaved_t":
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        elif layout == "gate_up_split":
+            gate, up = gate_up, project(x, w_up, transposed)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+        hidden = gated_activation(gate, up, activation, args)
+    out = project(hidden.contiguous(), w_down, transposed)
     return out + b_down if b_down is not None else out
 
 

@@ -1,4 +1,4 @@
-"""Grouped gated-MLP experts in Triton, built for decode: each active expert's weights are
+"""Grouped MLP experts in Triton, built for decode: each active expert's weights are
 read once per step. Same contract as ``experts_ref.grouped_experts_reference`` (ids equal to E, the
 expert-parallel sentinel, are dropped by the align step and skipped by the sum; ids are not
 range-checked on the device).
@@ -47,10 +47,14 @@ import torch
 
 from .experts_ref import check_call_shapes, check_experts_args
 from .triton_experts_config import ExpertsConfig, default_config
-from .triton_experts_gemm import GELU, GELU_TANH, RELU, SILU, SWIGLU_OAI, down_kernel, gate_up_kernel, sum_slots_kernel
+from .triton_experts_gemm import (
+    GELU, GELU_TANH, RELU, RELU2, SILU, SILU_CLAMPED, SWIGLU_OAI, SWIGLU_SOFTCAPPED, down_kernel, gate_up_kernel,
+    sum_slots_kernel,
+)
 from .triton_moe_align import align_routing
 
-_ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "swiglu_oai": SWIGLU_OAI}
+_ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "swiglu_oai": SWIGLU_OAI,
+                "silu_clamped": SILU_CLAMPED, "swiglu_softcapped": SWIGLU_SOFTCAPPED, "relu2": RELU2}
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Scratch buffers come from here, so tests can poison them.
@@ -72,15 +76,15 @@ def _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up):
         up_offset = 0 if layout == "gate_up_interleaved_t" else inter_size * s[2]
         gate_up = dict(stride_gate_e=s[0], stride_up_e=s[0], up_offset=up_offset, stride_w_n=s[2], stride_w_k=s[1])
         down_shape, down = (num_experts, inter_size, hidden_size), dict(stride_w_n=w_down.stride(2), stride_w_k=w_down.stride(1))
-    else:  # [E, 2I, H] gate rows then up rows, or [E, I, H] gate with a separate up
+    else:  # [E, 2I, H] gate rows then up rows, [E, I, H] gate with a separate up, or [E, I, H] up alone
         hidden_size = w_gate_up.shape[2]
-        inter_size = w_gate_up.shape[1] if layout == "gate_up_split" else w_gate_up.shape[1] // 2
+        inter_size = w_gate_up.shape[1] if layout in ("gate_up_split", "up_only") else w_gate_up.shape[1] // 2
         up_stride_e, up_offset = (w_up.stride(0), 0) if layout == "gate_up_split" else (s[0], inter_size * s[1])
         gate_up = dict(stride_gate_e=s[0], stride_up_e=up_stride_e, up_offset=up_offset, stride_w_n=s[1], stride_w_k=s[2])
         down_shape, down = (num_experts, hidden_size, inter_size), dict(stride_w_n=w_down.stride(1), stride_w_k=w_down.stride(2))
     if layout == "gate_up_split" and (w_up.shape != w_gate_up.shape or w_up.stride()[1:] != s[1:]):
         raise ValueError(f"w_up must match w_gate_up's shape and strides, got {tuple(w_up.shape)} vs {tuple(w_gate_up.shape)}")
-    if layout != "gate_up_split" and w_gate_up.shape[-2 if layout == "gate_up_concat" else -1] % 2:
+    if layout not in ("gate_up_split", "up_only") and w_gate_up.shape[-2 if layout == "gate_up_concat" else -1] % 2:
         raise ValueError(f"layout {layout!r} needs an even gate_up width, got {tuple(w_gate_up.shape)}")
     if tuple(w_down.shape) != down_shape:
         raise ValueError(f"layout {layout!r}: w_down must be {down_shape}, got {tuple(w_down.shape)}")
@@ -138,14 +142,14 @@ def grouped_experts_triton(
     tiles = (routing.sorted_pairs, routing.tile_expert, routing.tile_start, routing.tile_end)
 
     inter = _workspace((num_pairs, inter_size), dtype=w_gate_up.dtype, device=hidden.device)
-    act_alpha, act_limit = activation_args if activation == "swiglu_oai" else (0.0, 0.0)
+    act_p0, act_p1 = (*activation_args, 0.0, 0.0)[:2]  # the kernel's two activation constants
     grid = (num_tiles, -(-inter_size // config.gate_up_block_n))
     gate_up_kernel[grid](
         hidden, w_gate_up, w_up if w_up is not None else w_gate_up,
         b_gate_up.contiguous() if b_gate_up is not None else w_gate_up, inter, *tiles,
         hidden_size, inter_size, top_k, hidden.stride(0), **gate_up_geo,
-        act_alpha=float(act_alpha), act_limit=float(act_limit),
-        INTERLEAVED=layout == "gate_up_interleaved_t", ACTIVATION=_ACTIVATIONS[activation], HAS_BIAS=b_gate_up is not None, FP32_DOT=fp32_dot,
+        act_p0=float(act_p0), act_p1=float(act_p1),
+        INTERLEAVED=layout == "gate_up_interleaved_t", GATED=layout != "up_only", ACTIVATION=_ACTIVATIONS[activation], HAS_BIAS=b_gate_up is not None, FP32_DOT=fp32_dot,
         BLOCK_M=config.block_m, BLOCK_N=config.gate_up_block_n, BLOCK_K=config.gate_up_block_k, **launch,
     )
 

@@ -4,7 +4,8 @@ Work tiles come from ``triton_moe_align``: tile ``i`` is up to BLOCK_M rows (tok
 pairs) of one expert. Weight addressing is by strides, so one kernel serves every layout:
 element (k, n) of expert e's gate matrix is ``w_gate[e*stride_e + n*stride_n + k*stride_k]``,
 and the up matrix is the same with its own base, expert stride and ``up_offset``; only the
-interleaved GPT-OSS layout needs its own code path (the INTERLEAVED constexpr).
+interleaved GPT-OSS layout needs its own code path (the INTERLEAVED constexpr), and the
+layout without a gate (GATED=False) skips the up matrix.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import triton
 import triton.language as tl
 
 # ACTIVATION constexpr codes; the host maps the reference's names onto them.
-SILU, GELU, GELU_TANH, RELU, SWIGLU_OAI = 0, 1, 2, 3, 4
+SILU, GELU, GELU_TANH, RELU, SWIGLU_OAI, SILU_CLAMPED, SWIGLU_SOFTCAPPED, RELU2 = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 @triton.jit
@@ -28,22 +29,46 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _gated(gate, up, act_alpha, act_limit, ACTIVATION: tl.constexpr):
-    """``f(gate) * up`` in fp32, or GPT-OSS's clamped SwiGLU."""
+def _unary(x, ACTIVATION: tl.constexpr):
+    """``f(x)`` in fp32 for the activations that are plain functions."""
     if ACTIVATION == 0:
-        out = gate * tl.sigmoid(gate) * up
+        out = x * tl.sigmoid(x)
     elif ACTIVATION == 1:
-        out = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)) * up
+        out = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == 2:
         # 0.5 * (1 + tanh(z)) == sigmoid(2z): no tanh needed, and stable for large |z|.
-        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        out = gate * tl.sigmoid(2.0 * z) * up
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        out = x * tl.sigmoid(2.0 * z)
     elif ACTIVATION == 3:
-        out = tl.maximum(gate, 0.0) * up
+        out = tl.maximum(x, 0.0)
+    else:  # RELU2
+        out = tl.maximum(x, 0.0)
+        out = out * out
+    return out
+
+
+@triton.jit
+def _softcap(x, cap):
+    # cap * tanh(x / cap), with tanh(y) = 2 * sigmoid(2y) - 1 (tl has no tanh on every backend)
+    return (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0) * cap
+
+
+@triton.jit
+def _gated(gate, up, act_p0, act_p1, ACTIVATION: tl.constexpr):
+    """The gated activation in fp32 (experts_ref.gated_activation); act_p0, act_p1 are its
+    activation_args."""
+    if ACTIVATION == 4:  # SWIGLU_OAI: p0 = alpha, p1 = limit
+        gate = tl.minimum(gate, act_p1)
+        up = tl.minimum(tl.maximum(up, -act_p1), act_p1)
+        out = (up + 1.0) * gate * tl.sigmoid(gate * act_p0)
+    elif ACTIVATION == 5:  # SILU_CLAMPED: p0 = limit
+        gate = tl.minimum(gate, act_p0)
+        up = tl.minimum(tl.maximum(up, -act_p0), act_p0)
+        out = gate * tl.sigmoid(gate) * up
+    elif ACTIVATION == 6:  # SWIGLU_SOFTCAPPED: p0, p1 = the gate's and up's softcaps
+        out = _softcap(gate, act_p0) * tl.sigmoid(gate) * _softcap(up, act_p1)
     else:
-        gate = tl.minimum(gate, act_limit)
-        up = tl.minimum(tl.maximum(up, -act_limit), act_limit)
-        out = (up + 1.0) * gate * tl.sigmoid(gate * act_alpha)
+        out = _unary(gate, ACTIVATION) * up
     return out
 
 
@@ -60,11 +85,12 @@ def gate_up_kernel(
     hidden_size, inter_size, top_k, stride_x_t,
     stride_gate_e, stride_up_e, up_offset, stride_w_n, stride_w_k,
     stride_bias_e, bias_up_offset, stride_bias_n,
-    act_alpha, act_limit,
-    INTERLEAVED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    act_p0, act_p1,
+    INTERLEAVED: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """inter[row, n] = act(x @ W_gate + b_gate) * (x @ W_up + b_up) for one tile's rows.
+    """inter[row, n] = act(x @ W_gate + b_gate) * (x @ W_up + b_up) for one tile's rows, or
+    act(x @ W_up) without a gate (GATED=False: w_gate_ptr holds the up matrix).
 
     INTERLEAVED (GPT-OSS): gate and up are alternating columns of one matrix, so the program
     streams one contiguous [BLOCK_K, 2*BLOCK_N] tile (stride_w_n is the column stride) and
@@ -102,7 +128,7 @@ def gate_up_kernel(
         gate_cols = w_gate_ptr + expert * stride_gate_e + w_cols
         up_cols = w_up_ptr + expert * stride_up_e + up_offset + w_cols
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # stays 0 without a gate
         for k0 in range(0, hidden_size, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < hidden_size
@@ -110,13 +136,17 @@ def gate_up_kernel(
             w_rows = k.to(tl.int64)[:, None] * stride_w_k
             w_ok = k_ok[:, None] & n_ok[None, :]
             acc_gate = _dot(x, tl.load(gate_cols + w_rows, mask=w_ok, other=0.0), acc_gate, FP32_DOT)
-            acc_up = _dot(x, tl.load(up_cols + w_rows, mask=w_ok, other=0.0), acc_up, FP32_DOT)
+            if GATED:
+                acc_up = _dot(x, tl.load(up_cols + w_rows, mask=w_ok, other=0.0), acc_up, FP32_DOT)
         if HAS_BIAS:
             bias = bias_ptr + expert * stride_bias_e + n * stride_bias_n
             acc_gate += tl.load(bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             acc_up += tl.load(bias + bias_up_offset, mask=n_ok, other=0.0).to(tl.float32)[None, :]
 
-    hidden = _gated(acc_gate, acc_up, act_alpha, act_limit, ACTIVATION)
+    if GATED:
+        hidden = _gated(acc_gate, acc_up, act_p0, act_p1, ACTIVATION)
+    else:
+        hidden = _unary(acc_gate, ACTIVATION)
     out = inter_ptr + rows.to(tl.int64)[:, None] * inter_size + n[None, :]
     tl.store(out, hidden.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 

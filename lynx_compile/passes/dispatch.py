@@ -312,7 +312,8 @@ def _gathered_param_2d(node: object) -> Node | None:
 @dispatch_pattern("hf_experts")
 def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     """transformers' ``grouped_mm`` and ``batched_mm`` experts paths: two expert GEMMs with
-    optional biases, a gated activation, the routed weight, and a sum over the k slots."""
+    optional biases, a gated activation (or an activation alone, without a gate), the routed
+    weight, and a sum over the k slots."""
     num_tokens, top_k, num_experts = shape(router.logits)[0], router.top_k, router.num_experts
 
     def is_slot_sum(node: Node) -> bool:  # x.view(T, k, H).sum(dim=1)
@@ -354,7 +355,7 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     if isinstance(gate, str):
         return gate
     if strip(_gemm_input(second), LAYOUT_KINDS) is not gate.output:
-        return "the second GEMM does not read the gated activation"
+        return f"the second GEMM does not read the activation matched ({gate.activation}, {gate.form})"
 
     weighted = [n for n in nodes if op_kind(n) == "mul" and n not in gate.nodes]
     if len(weighted) != 1 or not _weighs_output(weighted[0], second.node, weights):
@@ -439,11 +440,16 @@ def _clamps_ids(node: Node, num_experts: int) -> bool:
 def _layout(first: _Gemm, second: _Gemm, gate: GateMatch, hidden_dim, num_experts: int) -> str:
     """The experts op layout name, or the reason the weights fit none."""
     up, down = shape(first.param), shape(second.param)
-    if (first.bias is not None or second.bias is not None) and not first.transposed:
-        return "expert biases with the [E, 2I, H] layout are not supported"
+    if (first.bias is not None or second.bias is not None) and (not first.transposed or gate.form == "up_only"):
+        return f"expert biases with {'gate-less' if gate.form == 'up_only' else 'the [E, 2I, H]'} weights are not supported"
     if up[0] != num_experts or down[0] != num_experts:
         return f"expert parameters hold {up[0]} / {down[0]} experts, the router {num_experts}"
-    if gate.interleaved and not first.transposed:
+    if gate.form == "up_only":
+        if first.transposed:
+            return "experts without a gate with transposed ([E, H, I]) weights: not supported"
+        ok = same_size(up[2], hidden_dim) and same_sizes(down, (num_experts, hidden_dim, up[1]))
+        return "up_only" if ok else f"expert weights {up} / {down} are not [E, I, H] / [E, H, I]"
+    if gate.form == "interleaved" and not first.transposed:
         return "gate/up interleaved in the rows of [E, 2I, H] weights: not a known layout"
     if not first.transposed:  # [E, 2I, H] and [E, H, I]
         ok = same_size(up[2], hidden_dim) and up[1] % 2 == 0 and same_sizes(down, (num_experts, hidden_dim, up[1] // 2))
@@ -451,5 +457,4 @@ def _layout(first: _Gemm, second: _Gemm, gate: GateMatch, hidden_dim, num_expert
     ok = same_size(up[1], hidden_dim) and up[2] % 2 == 0 and same_sizes(down, (num_experts, up[2] // 2, hidden_dim))
     if not ok:
         return f"expert weights {up} / {down} are not [E, H, 2I] / [E, I, H]"
-    return "gate_up_interleaved_t" if gate.interleaved else "gate_up_concat_t"
-
+    return "gate_up_interleaved_t" if gate.form == "interleaved" else "gate_up_concat_t"

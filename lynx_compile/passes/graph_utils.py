@@ -46,6 +46,11 @@ _FUNCTION_KINDS: dict[object, str] = {
     F.gelu: "gelu",
     F.relu: "relu",
     torch.relu: "relu",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.square: "square",
+    operator.pow: "pow",
+    torch.pow: "pow",
     operator.getitem: "getitem",
     operator.setitem: "setitem",
     operator.mul: "mul",
@@ -102,7 +107,8 @@ _METHOD_KINDS = {
     "repeat_interleave": "repeat_interleave", "div_": "div", "div": "div", "mul": "mul",
     "mul_": "mul", "add": "add", "add_": "add", "ge": "ge", "new_zeros": "zeros_like",
     "scatter": "scatter", "scatter_": "scatter", "index_select": "index_select",
-    "ne": "ne", "remainder": "mod", "to_local": "to_local",
+    "ne": "ne", "remainder": "mod", "to_local": "to_local", "tanh": "tanh", "square": "square", "pow": "pow",
+    "relu": "relu",
 }
 
 # Ops that only move, view or re-type data: a region may hold any number of them.
