@@ -15,8 +15,9 @@ IN_DEPTH = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 REWRITTEN = {
     "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2", "deepseek_v32",
     "dots1", "dots3_note", "exaone_moe", "flex_olmo", "flint", "glm4_moe", "glm4_moe_lite", "glm4v_moe",
-    "glm_moe_dsa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
-    "hy_v3", "jamba", "kimi_linear", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2",
+    "glm5_next", "glm_moe_dsa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
+    "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "inkling2", "inkling2_loop", "jamba", "kimi_linear",
+    "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl", "nemotron_h",
     "qwen3_5_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "solar_open", "unlimited_ocr",
 }
 
