@@ -94,8 +94,11 @@ def _weighted_rows(mul: Node, router: DenseRouterMatch, num_tokens, num_experts:
 def _two_gemms(nodes: list[Node], output: Node) -> tuple[Node, Node] | str:
     """(first, second) ``torch.bmm`` of the region; the second is the one the sum reads."""
     gemms = [n for n in nodes if op_kind(n) == "bmm"]
-    if len(gemms) != 2 or strip(output.args[0], _VIEWS) is not gemms[1]:
-        return f"expected two batched expert GEMMs (torch.bmm) feeding the sum, found {len(gemms)}"
+    if len(gemms) != 2:
+        return f"expected two batched expert GEMMs (torch.bmm), found {len(gemms)}"
+    summed = strip(output.args[0], _VIEWS)
+    if summed is not gemms[1]:
+        return f"the sum over the experts reads {op_kind(summed)} ({summed.name}), not the second GEMM's output"
     return gemms[0], gemms[1]
 
 
