@@ -6,8 +6,10 @@
     .venv/bin/python benchmarks/decode.py --shape qwen3  # Qwen3-30B-A3B MoE shape
     .venv/bin/python benchmarks/decode.py --shape llama4 --dtype fp32 --layers 1 --batches 1,4,16 \
         --prompt-len 4 --compile-batch 1 --reps 1 --steps 3 --warmup-steps 1 --warm-compile
-                                                         # Llama-4 Scout MoE shape (8 GB per layer
-                                                         # in fp32; see BENCHMARKS.md for why fp32)
+                                                         # Llama-4 Scout MoE shape, 8 GB per layer
+    (fp32 for Llama-4 on CPUs without native bf16 GEMM: there eager's bf16 x @ W with W stored
+    [H, 2I], as transformers' Llama-4 experts are, measured 0.13 GB/s against 4.5 GB/s for the
+    same bytes as x @ W.T, so an eager bf16 decode step took minutes)
 
 The default run takes about 7 minutes on 2 cores (about 2 of them compiling: four cold
 Inductor compiles); --quick about 1 minute with a warm Inductor cache, 2-3 minutes cold.

@@ -163,3 +163,15 @@ def test_scaled_experts_output_left_alone(monkeypatch):
     [candidate] = [u for r in reports for u in r.unmatched]
     assert "the sum over the experts reads mul" in candidate.reason
     assert torch.equal(out, expected)
+
+
+def test_dynamic_batch_sizes_top2():
+    """One dynamic-shape graph for several token counts (the [T*k, H] rows are reshaped at run time)."""
+    moe = block(2)
+    torch._dynamo.reset()
+    compiled = torch.compile(moe, backend="lynx", options={"compiler": "eager", "policy": "off"}, dynamic=True)
+    with torch.no_grad(), collect_reports() as reports:
+        for batch in (2, 4, 5):
+            x = torch.randn(batch, 3, HIDDEN)
+            torch.testing.assert_close(compiled(x)[0], moe(x)[0], rtol=1e-5, atol=1e-5)
+    assert [len(r.matched) for r in reports] == [1]

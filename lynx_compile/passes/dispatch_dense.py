@@ -61,10 +61,16 @@ def _expert_param(node: object, expected: tuple) -> Node | None:
 
 
 def _is_transpose_01(node: object, source: Node) -> bool:
+    """``source.T`` of a 2-D tensor: ``.t()``, ``.transpose(0, 1)`` (any spelling of the two
+    dims) or ``.permute(1, 0)``."""
     if op_kind(node) != "transpose" or node.args[0] is not source:
         return False
     dims = tuple(node.args[1:])
-    return node.target == "t" or dims in ((0, 1), (1, 0)) or (node.target == "permute" and dims in (((1, 0),), (1, 0)))
+    if node.target == "t":
+        return True
+    if node.target == "permute":
+        return dims in ((1, 0), ((1, 0),), ((-1, -2),), (-1, -2))
+    return {d % 2 for d in dims if isinstance(d, int)} == {0, 1} and len(dims) == 2
 
 
 def _weighted_rows(mul: Node, router: DenseRouterMatch, num_tokens, num_experts: int, hidden_dim,
@@ -127,7 +133,8 @@ def dense_experts(graph: Graph, router: RouterMatch) -> InputWeightedDispatch | 
     hidden_dim = (shape(first.args[0]) or (None,) * 3)[-1]
     if not same_sizes(shape(first.args[0]), (num_experts, num_tokens, hidden_dim)) or \
             not same_sizes(shape(output.args[0]), (num_experts, num_tokens, hidden_dim)):
-        return f"the experts' inputs {shape(first.args[0])} and summed outputs {shape(output.args[0])} are not [E, T, H]"
+        return (f"the experts' inputs {shape(first.args[0])} and summed outputs {shape(output.args[0])} "
+                "are not [E, T, H]")
     inter = shape(first)[2] // 2
     gate_up = _expert_param(first.args[1], (num_experts, hidden_dim, 2 * inter))
     down = _expert_param(second.args[1], (num_experts, inter, hidden_dim))
