@@ -4,6 +4,12 @@
     .venv/bin/python benchmarks/decode.py --quick        # smoke run, tiny shapes (2-3 min)
     .venv/bin/python benchmarks/decode.py                # OLMoE-1B-7B MoE shape, batch 1..64
     .venv/bin/python benchmarks/decode.py --shape qwen3  # Qwen3-30B-A3B MoE shape
+    .venv/bin/python benchmarks/decode.py --shape llama4 --dtype fp32 --layers 1 --batches 1,4,16 \
+        --prompt-len 4 --compile-batch 1 --reps 1 --steps 3 --warmup-steps 1 --warm-compile
+                                                         # Llama-4 Scout MoE shape, 8 GB per layer
+    (fp32 for Llama-4 on CPUs without native bf16 GEMM: there eager's bf16 x @ W with W stored
+    [H, 2I], as transformers' Llama-4 experts are, measured 0.13 GB/s against 4.5 GB/s for the
+    same bytes as x @ W.T, so an eager bf16 decode step took minutes)
 
 The default run takes about 7 minutes on 2 cores (about 2 of them compiling: four cold
 Inductor compiles); --quick about 1 minute with a warm Inductor cache, 2-3 minutes cold.
@@ -78,8 +84,9 @@ def backend_specs(keep_alpha: float) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(dm.SHAPES), default="olmoe",
-                   help="MoE layer shape: olmoe (H 2048, I 1024, E 64, k 8, not renormalised) or "
-                   "qwen3 (H 2048, I 768, E 128, k 8, renormalised)")
+                   help="MoE layer shape: olmoe (H 2048, I 1024, E 64, k 8, not renormalised), "
+                   "qwen3 (H 2048, I 768, E 128, k 8, renormalised) or llama4 (Scout: H 5120, I 8192, "
+                   "E 16, k 1, sigmoid, a shared expert; transformers runs every expert on every token)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (all MoE)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--batches", default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
@@ -195,7 +202,10 @@ class ExpertsInputCounter:
         self.handles = [m.register_forward_pre_hook(self._hook) for m in dm.experts_modules(model)]
 
     def _hook(self, module, args):
-        self.counts.append(int(args[1].unique().numel()))
+        if len(args) < 2:  # dense experts (Llama-4): every expert runs on every token
+            self.counts.append(int(module.num_experts))
+        else:
+            self.counts.append(int(args[1].unique().numel()))
 
     def remove(self):
         for h in self.handles:
@@ -293,12 +303,17 @@ def time_selector(batch, logits_list, lynx_on_row, shape, dtype, repeats: int = 
     alpha, beta = matched[0]["alpha"], matched[0]["beta"]
     k, renorm = shape.top_k, shape.norm_topk_prob
     inputs = [x.to(dtype) for x in logits_list]
+    sigmoid = shape.scoring == "sigmoid"  # Llama-4: the selector ranks by the logits (router_dense.py)
 
     def selector(x):
-        return torch.ops.lynx.select_experts.default(x, None, None, None, k, 1, "lynx", [alpha, beta or 0.0], True,
-                                                     "softmax", renorm, False, 1, 1, "max", 1.0)
+        w, i = torch.ops.lynx.select_experts.default(x, None, None, None, k, 1, "lynx", [alpha, beta or 0.0], True,
+                                                     "softmax", renorm or sigmoid, False, 1, 1, "max", 1.0)
+        return (torch.sigmoid(x.gather(-1, i).float()) if sigmoid else w), i
 
     def plain(x):
+        if sigmoid:
+            v, i = x.topk(k, dim=-1)
+            return torch.sigmoid(v.float()), i
         w, i = torch.softmax(x, dim=-1, dtype=torch.float).topk(k, dim=-1)
         return (w / w.sum(-1, keepdim=True) if renorm else w), i
 
@@ -314,6 +329,18 @@ def time_selector(batch, logits_list, lynx_on_row, shape, dtype, repeats: int = 
             times.append(time.perf_counter() - t0)
         out[f"{name}_us"] = 1e6 * median(times)
     return out
+
+
+def stream_table(results, names, read_gbps: float) -> str:
+    """Experts per layer per step and % of the streaming read bandwidth (expert bytes read per
+    step / step time / the measured read bandwidth), per backend and batch size."""
+    get = {(r["backend"], r["batch"]): r for r in results["rows"]}
+    lines = ["batch | " + " | ".join(f"{n} experts, % stream" for n in names)]
+    for b in sorted({r["batch"] for r in results["rows"]}):
+        cells = [f"{get[(n, b)]['distinct_experts_per_layer']:.1f}, {100 * get[(n, b)]['expert_GBps'] / read_gbps:.0f}%"
+                 if (n, b) in get else "-" for n in names]
+        lines.append(f"{b} | " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -354,7 +381,8 @@ def main(argv=None):
             target, how, ref_stats, ref_log = args.router_std, "given with --router-std", None, None
         else:
             target, how, ref_stats, ref_log = dm.reference_router_stats(dm.REPO / args.router_model, args.router_match)
-        before, after, scales = dm.match_router_spread(model, target)
+        probe_batch, probe_len, probe_steps = shape.probe
+        before, after, scales = dm.match_router_spread(model, target, probe_batch, probe_len, probe_steps)
         meta["router"] = dict(target_std=target, how=how, reference=ref_stats and ref_stats.to_dict(),
                               reference_log=ref_log and {k: ref_log[k] for k in ref_log
                                                            if k.startswith("router") or k in ("step", "experts", "top_k")},
@@ -459,6 +487,8 @@ def main(argv=None):
     decode_report.write_all(out_dir, args, meta, results, step_rows)
     print()
     print(decode_report.console_table(results, names))
+    print()
+    print(stream_table(results, names, meta["machine"]["read_bandwidth_GBps"]))
     print(f"\nwrote {out_dir}/report.md, summary.csv, steps.csv, results.json, tokens_per_s.png, "
           f"distinct_experts.png ({meta['duration_s'] / 60:.1f} min)")
 

@@ -48,17 +48,25 @@ GAP_RANKS = (2, 4, 8)
 @dataclass(frozen=True)
 class MoeShape:
     name: str
-    family: str  # "olmoe" | "qwen3_moe"
+    family: str  # "olmoe" | "qwen3_moe" | "llama4"
     hidden: int
     inter: int  # expert intermediate size
     experts: int
     top_k: int
     norm_topk_prob: bool
+    scoring: str = "softmax"  # the router's scores: "softmax" or "sigmoid" (Llama-4: of the top-k logits)
+    # (batch, prompt length, decode steps) of the eager probes that scale the routers: smaller for
+    # Llama-4, whose eager forward runs every expert on every token
+    probe: tuple[int, int, int] = (32, 16, 4)
 
 
 SHAPES = {
     "olmoe": MoeShape("OLMoE-1B-7B", "olmoe", 2048, 1024, 64, 8, False),
     "qwen3": MoeShape("Qwen3-30B-A3B", "qwen3_moe", 2048, 768, 128, 8, True),
+    # Llama-4 Scout's MoE layers: top-1 of 16 experts, sigmoid weight, a shared expert of the
+    # same size in every MoE layer (transformers' dense form: every expert runs on every token)
+    "llama4": MoeShape("Llama-4-Scout-17B-16E", "llama4", 5120, 8192, 16, 1, False, scoring="sigmoid",
+                       probe=(8, 4, 2)),
 }
 QUICK_HIDDEN, QUICK_INTER = 256, 128  # --quick: same E, k and router rule, tiny experts
 
@@ -66,7 +74,7 @@ QUICK_HIDDEN, QUICK_INTER = 256, 128  # --quick: same E, k and router rule, tiny
 def build_model(shape: MoeShape, layers: int, dtype: torch.dtype, heads: int, head_dim: int,
                 vocab: int, hidden: int | None = None, inter: int | None = None, seed: int = 0):
     """A random MoE causal LM with ``shape``'s MoE layers (``hidden``/``inter`` override sizes)."""
-    from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, Llama4TextConfig, OlmoeConfig, Qwen3MoeConfig
 
     hidden = hidden or shape.hidden
     inter = inter or shape.inter
@@ -78,6 +86,13 @@ def build_model(shape: MoeShape, layers: int, dtype: torch.dtype, heads: int, he
     )
     if shape.family == "olmoe":  # OLMoE's experts use intermediate_size; head_dim = hidden / heads
         config = OlmoeConfig(intermediate_size=inter, **common)
+    elif shape.family == "llama4":  # every layer a MoE layer; experts and shared expert of size inter
+        common["num_local_experts"] = common.pop("num_experts")
+        common.pop("norm_topk_prob")
+        # Full attention in every layer: a chunked-attention layer's static cache keeps its length
+        # as a Python int, which recompiles every decode position (and the attention is small here)
+        config = Llama4TextConfig(intermediate_size=inter, intermediate_size_mlp=inter, head_dim=head_dim,
+                                  interleave_moe_layer_step=1, layer_types=["full_attention"] * layers, **common)
     else:
         config = Qwen3MoeConfig(moe_intermediate_size=inter, intermediate_size=4 * inter, head_dim=head_dim,
                                 decoder_sparse_step=1, mlp_only_layers=[], **common)
@@ -93,8 +108,17 @@ def experts_modules(model) -> list[torch.nn.Module]:
 
 
 def router_modules(model) -> list[torch.nn.Module]:
-    """The routers (``mlp.gate``: a bias-free linear map to one logit per expert), in layer order."""
-    return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "weight")]
+    """The routers (``mlp.gate``, Llama-4's ``feed_forward.router``: a bias-free linear map to one
+    logit per expert), in layer order."""
+    return [m for name, m in model.named_modules()
+            if name.endswith(("mlp.gate", "feed_forward.router")) and hasattr(m, "weight")]
+
+
+def router_logits(module: torch.nn.Module, output) -> torch.Tensor:
+    """A router's logits from its forward's output (Llama-4's router returns (scores, logits))."""
+    if type(module).__name__ == "Llama4Router":
+        return output[1]
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def weight_bytes(model) -> dict:
@@ -162,7 +186,7 @@ class RouterLogitRecorder:
     def _hook(self, i):
         def hook(module, args, output):
             if self.active:
-                logits = output[0] if isinstance(output, (tuple, list)) else output
+                logits = router_logits(module, output)
                 self.logits[i].append(logits.detach().float().reshape(-1, logits.shape[-1]))
         return hook
 
@@ -199,7 +223,8 @@ def decode_probe_logits(model, batch: int, prompt_len: int, steps: int, seed: in
 
 def match_router_spread(model, target_std: float, batch: int = 32, prompt_len: int = 16,
                         steps: int = 4, passes: int = 3) -> tuple[RouterStats, RouterStats, list[float]]:
-    """Scale each router so its decode-step logits have per-token std ``target_std``.
+    """Scale each router so its decode-step logits have per-token std ``target_std``
+    (probes of ``batch`` prompts of ``prompt_len`` tokens, ``steps`` decode steps).
 
     Returns (stats before, stats after, the total scale applied per layer)."""
     routers = router_modules(model)

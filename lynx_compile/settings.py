@@ -38,8 +38,8 @@ class ReleasedSetting:
     hidden_size: int | None = None  # tells models of one family and shape apart
 
 
-# The Lynx authors' released per-model settings (ALGORITHM.md). Llama-4 is listed for
-# completeness: transformers' Llama-4 routes densely and is not rewritten.
+# The Lynx authors' released per-model settings (ALGORITHM.md). Llama-4's block is matched in
+# its dense form (passes/router_dense.py, passes/dispatch_dense.py).
 RELEASED = (
     ReleasedSetting("Mixtral-8x7B", "MixtralSparseMoeBlock", 2, 8, 0.7, 1, hidden_size=4096),
     ReleasedSetting("Mixtral-8x22B", "MixtralSparseMoeBlock", 2, 8, 1.0, 1, hidden_size=6144),

@@ -78,6 +78,11 @@ FAMILY_FIXES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
 }
 
+# Families whose experts run every expert on every token, with no @use_experts_implementation
+# class (lynx matches the dense form: passes/dispatch_dense.py). Built on request, not listed by
+# families(), so the sweep test's family list stays the decorated families.
+DENSE_EXPERTS: dict[str, tuple[str, ...]] = {"llama4": ("Llama4TextExperts",)}
+
 _DECORATOR = re.compile(r"^@use_experts_implementation\b[^\n]*\n(?:@[^\n]*\n)*class\s+(\w+)", re.M)
 
 
@@ -609,7 +614,7 @@ def build(family: str, seed: int = 0) -> ZooEntry:
 
 
 def _build(family: str, seed: int) -> ZooEntry:
-    names = _experts_classes().get(family)
+    names = _experts_classes().get(family) or DENSE_EXPERTS.get(family)
     if names is None:
         return _skip(family, f"{family!r} has no @use_experts_implementation experts class")
     experts_class = names[0]

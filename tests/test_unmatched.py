@@ -95,25 +95,6 @@ def test_eager_experts_loop_reported_with_fix():
     assert all(not r.matched for r in seen)
 
 
-def test_llama4_dense_routing_reported():
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
-
-    config = Llama4TextConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_local_experts=4, num_experts_per_tok=1,
-        interleave_moe_layer_step=1, max_position_embeddings=128,
-    )
-    model = Llama4ForCausalLM(config).eval()
-    input_ids = torch.randint(2, 90, (4, 1))
-    compiled = torch.compile(model.forward, backend="lynx", options={"compiler": "eager"})
-    with torch.no_grad():
-        out = compiled(input_ids=input_ids, use_cache=False).logits
-        assert torch.equal(out, model(input_ids=input_ids, use_cache=False).logits)
-    [candidate] = last_report().unmatched
-    assert candidate.module == "model.layers.0.feed_forward.router"
-    assert "dense routing" in candidate.reason and "Llama-4" in candidate.reason
-
-
 def test_graphs_with_gradients_left_alone():
     from moe_models import tiny_model
 

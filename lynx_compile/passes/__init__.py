@@ -15,7 +15,7 @@ from ..options import LynxOptions
 from ..policies import get_policy
 from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
-from . import dispatch_einsum  # noqa: F401  (registers the gpt-fast pattern)
+from . import dispatch_dense, dispatch_einsum, router_dense  # noqa: F401  (register Llama-4's and gpt-fast's patterns)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
 from .graph_utils import common_module, example_value, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router

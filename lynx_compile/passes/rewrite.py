@@ -13,7 +13,9 @@ from .. import ops  # noqa: F401  (registers torch.ops.lynx)
 from ..policies import Policy
 from ..step import step_buffers
 from .dispatch import DispatchMatch
+from .dispatch_dense import InputWeightedDispatch
 from .graph_utils import dtype, erase_dead, erase_nodes, example_value
+from .router_dense import DenseRouterMatch
 from .routers import RouterMatch
 
 
@@ -40,6 +42,8 @@ def _call(graph: Graph, target, args: tuple, like: Node, kwargs: dict | None = N
 
 
 def replace_dispatch(graph: Graph, match: DispatchMatch) -> Node:
+    if isinstance(match, InputWeightedDispatch):
+        return replace_input_weighted_dispatch(graph, match)
     with graph.inserting_before(match.output):
         node = _call(
             graph,
@@ -50,6 +54,54 @@ def replace_dispatch(graph: Graph, match: DispatchMatch) -> Node:
         )
     match.output.replace_all_uses_with(node)
     erase_nodes(graph, match.region)
+    return node
+
+
+def _router_weight_ops(graph: Graph, router: DenseRouterMatch, chosen: Node) -> tuple[Node, set[Node]]:
+    """The dense router's sigmoid and casts (e.g. ``.float()``, sigmoid, ``.to(dtype)``) applied
+    to ``chosen`` [T, k] logits: the weights the dense matrix holds at those experts."""
+    weights, made = chosen, set()
+    for op in router.weight_ops:
+        weights = _call(graph, op.target, (weights, *op.args[1:]), like=op, kwargs=dict(op.kwargs))
+        made.add(weights)
+    return weights, made
+
+
+def replace_input_weighted_dispatch(graph: Graph, match: InputWeightedDispatch) -> Node:
+    """Experts that weigh their input (Llama-4): ``sum_j expert_{id_j}(w_j x)``. Each (token, slot)
+    becomes one row ``w_j x`` with its own expert id and weight 1 (k = 1: the tokens themselves).
+
+    The graph has no [T, k] weights node (the router scatters the top-k values into a dense
+    matrix): it is made here by replaying the router's sigmoid and casts on the k values, which
+    is what the dense matrix holds at the chosen experts, and handed to the router match, so
+    that a selector that replaces the router replaces these weights too."""
+    router = match.router
+    hidden_dim = example_value(match.hidden).shape[1]
+    with graph.inserting_before(match.output):
+        weights, made = _router_weight_ops(graph, router, router.weights)
+        if router.top_k == 1:
+            rows = _call(graph, operator.mul, (match.hidden, weights), like=match.output)
+            ids = match.ids
+        else:
+            per_slot = _call(graph, operator.mul, (_call(graph, "unsqueeze", (match.hidden, 1), like=match.output),
+                                                   _call(graph, "unsqueeze", (weights, -1), like=match.output)),
+                             like=match.output)
+            rows = _call(graph, "reshape", (per_slot, -1, hidden_dim), like=match.output)
+            ids = _call(graph, "reshape", (match.ids, -1, 1), like=match.output)
+        ones = _call(graph, torch.ones_like, (ids,), like=match.output, kwargs={"dtype": dtype(rows)})
+        node = _call(
+            graph,
+            torch.ops.lynx.grouped_experts.default,
+            (rows, ids, ones, match.w_gate_up, match.w_down, None, None, None, match.activation, match.layout, []),
+            like=match.output,
+        )
+        if router.top_k > 1:
+            per_token = _call(graph, "view", (node, -1, router.top_k, hidden_dim), like=match.output)
+            node = _call(graph, "sum", (per_token, 1), like=match.output)
+    match.output.replace_all_uses_with(node)
+    erase_nodes(graph, match.region)
+    router.weights = weights
+    router.nodes |= made
     return node
 
 
@@ -85,7 +137,8 @@ _STEP_BUFFERS = ("_lynx_step_state", "_lynx_step_mask")
 def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: dict, decode_only: bool,
                    sequence_dim: int | None, ep_ranks: int | None = None) -> Node:
     graph = gm.graph
-    rule = match.rule
+    dense = isinstance(match, DenseRouterMatch)
+    rule = match.selection_rule if dense else match.rule
     state, mask = step_context_nodes(gm, match.logits)
     with graph.inserting_before(match.topk):
         if sequence_dim is None:  # no shape rule: only an engine's step context makes a decode step
@@ -105,7 +158,10 @@ def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: d
         )
         weights = _call(graph, operator.getitem, (select, 0), like=match.topk)
         ids = _call(graph, operator.getitem, (select, 1), like=match.topk)
-    if dtype(match.weights) != torch.float32:  # keep the dtype the router handed on
+        if dense:  # the router's own weights of the chosen experts (the selector's are for its rule)
+            chosen = _call(graph, torch.gather, (match.logits, -1, ids), like=match.topk)
+            weights, _ = _router_weight_ops(graph, match, chosen)
+    if not dense and dtype(match.weights) != torch.float32:  # keep the dtype the router handed on
         with graph.inserting_after(weights):
             weights = _call(graph, "to", (weights,), like=match.topk, kwargs={"dtype": dtype(match.weights)})
     match.weights.replace_all_uses_with(weights)

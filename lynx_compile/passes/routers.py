@@ -298,11 +298,8 @@ def topk_softmax(topk: Node) -> RouterMatch | str:
         return outputs
     values, ids = outputs
     users = list(values.users)
-    if any(op_kind(u) == "scatter" for u in users):
-        return Refusal(
-            "dense routing: the top-k scores are scattered into a [tokens, experts] matrix and every "
-            "expert runs on every token (transformers' Llama-4); there is no sparse experts dispatch to select for"
-        )
+    if any(op_kind(u) == "scatter" for u in users):  # transformers' Llama-4: router_dense.py
+        return "the top-k values are scattered into a [tokens, experts] matrix (dense routing)"
     if len(users) != 1 or op_kind(users[0]) != "softmax" or not is_last_dim(arg(users[0], 1, "dim"), 2):
         return "the top-k values are not turned into weights by a softmax over the k"
     rule = RouterRule("softmax", True, True)
