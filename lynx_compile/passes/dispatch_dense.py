@@ -169,5 +169,6 @@ def dense_experts(graph: Graph, router: RouterMatch) -> InputWeightedDispatch | 
     return InputWeightedDispatch(
         pattern="dense_experts (input-weighted)", output=output, region=region, hidden=hidden, ids=router.ids,
         weights=router.weights, w_gate_up=gate_up, w_down=down, activation=gate.activation,
+        activation_args=gate.activation_args,
         layout="gate_up_concat_t", module=module_path(first), router=router,
     )

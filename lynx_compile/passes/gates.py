@@ -264,4 +264,5 @@ def up_only(first: Node, nodes: list[Node]) -> GateMatch | str:
     return GateMatch(activation_name(act), act, "up_only", {act})
 
 
-GATE_FORMS = (_gated_form("concat", concat_split), _gated_form("interleaved", interleaved_split), up_only)
+concat_gate = _gated_form("concat", concat_split)
+GATE_FORMS = (concat_gate, _gated_form("interleaved", interleaved_split), up_only)

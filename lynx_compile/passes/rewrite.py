@@ -92,7 +92,8 @@ def replace_input_weighted_dispatch(graph: Graph, match: InputWeightedDispatch) 
         node = _call(
             graph,
             torch.ops.lynx.grouped_experts.default,
-            (rows, ids, ones, match.w_gate_up, match.w_down, None, None, None, match.activation, match.layout, []),
+            (rows, ids, ones, match.w_gate_up, match.w_down, None, None, None, match.activation, match.layout,
+             list(match.activation_args)),
             like=match.output,
         )
         if router.top_k > 1:
