@@ -20,6 +20,7 @@ from .graph_utils import (
     backward_region,
     cast_chain_end,
     is_last_dim,
+    is_param_source,
     module_path,
     module_stack,
     mutates,
@@ -141,25 +142,97 @@ def _view_family(root: Node) -> set[Node]:
 
 
 def logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
-    """The layer input behind router logits computed by a linear layer."""
-    linear = strip(logits)
-    if op_kind(linear) != "linear":
-        return f"router scores come from {op_kind(linear)}, not a linear layer"
-    found = layer_input(arg(linear, 0, "input"))
+    """The layer input behind router logits computed by a linear layer, possibly transformed
+    elementwise after it (``logit_transform_input``: a multiplier, a tanh softcap, casts)."""
+    linear = logits
+    while op_kind(linear) != "linear":
+        before = logit_transform_input(linear)
+        if before is None:
+            return f"router scores come from {op_kind(linear)}, not a linear layer"
+        linear = before
+    found = layer_input(normalised_input(arg(linear, 0, "input")))
     if found is None:
         return "the router does not read a [tokens, hidden] view of the layer input"
     return found
+
+
+def logit_transform_input(node: Node) -> Node | None:
+    """The logits an elementwise transform of router logits reads: a cast, ``x * c``, ``c * x``,
+    ``x / c`` with a constant ``c`` (MuseSpark's output multiplier; a softcap's scaling), or
+    ``tanh(x)`` (Laguna's softcap ``tanh(L / c) * c``); None for anything else. The selector reads
+    the transformed logits, so the transform itself needs no rule: this only finds the linear."""
+    kind = op_kind(node)
+    if kind == "cast" or (kind in ("fn:tanh", "method:tanh") and len(node.args) == 1 and not node.kwargs):
+        return node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if kind in ("mul", "div") and len(node.args) == 2 and not node.kwargs:
+        left, right = node.args
+        if isinstance(left, Node) and _const(right) is not None:
+            return left
+        if kind == "mul" and isinstance(right, Node) and _const(left) is not None:
+            return right
+    return None
+
+
+def normalised_input(node: Node) -> Node:
+    """The tensor a router's input normalises, or ``node`` itself: Gemma-4's router reads
+    ``rms_norm(x) * scale * hidden ** -0.5`` of the layer input ``x`` (an RMSNorm without its own
+    weight, a per-channel weight, a constant). Only the layer input's shape is needed (the shape
+    rule), so the normalisation stays in the graph as it is."""
+    current = node
+    while isinstance(current, Node):
+        if op_kind(current) == "cast":
+            current = current.args[0]
+            continue
+        if op_kind(current) != "mul" or len(current.args) != 2:
+            break
+        left, right = current.args
+        if isinstance(left, Node) and (_const(right) is not None or is_param_source(right)):
+            current = left
+        elif _is_rms_factor(right, left):
+            return left
+        else:
+            break
+    return node
+
+
+def _is_rms_factor(factor: object, x: Node) -> bool:
+    """``(x ** 2).mean(-1, keepdim=True) + eps`` to the power -0.5 (or its rsqrt)."""
+    kind = op_kind(factor) if isinstance(factor, Node) else None
+    if kind in ("fn:pow", "method:pow") and arg(factor, 1, "exponent") == -0.5:
+        base = factor.args[0]
+    elif kind in ("fn:rsqrt", "method:rsqrt"):
+        base = factor.args[0]
+    else:
+        return False
+    if op_kind(base) == "add" and _const(base.args[1]) is not None:
+        base = base.args[0]
+    if op_kind(base) not in ("method:mean", "fn:mean") or not is_last_dim(arg(base, 1, "dim"), 2):
+        return False
+    squared = base.args[0]
+    return (op_kind(squared) in ("fn:pow", "method:pow") and squared.args[0] is x
+            and arg(squared, 1, "exponent") == 2)
 
 
 def _const(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _tiny_epsilon(node: Node) -> float | None:
+    """The epsilon of ``total + eps`` or ``total.clamp(min=eps)`` when it is at most 1e-6
+    (it changes the renormalised weights only for a sum below it), else None."""
+    if op_kind(node) == "add":
+        eps = _const(node.args[1]) if len(node.args) == 2 else None
+    else:
+        extra = {k for k in node.kwargs if k != "min"} | ({"max"} if len(node.args) > 2 else set())
+        eps = None if extra else _const(arg(node, 1, "min"))
+    return eps if eps is not None and 0 <= eps <= 1e-6 else None
+
+
 def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
     """Renormalisation and scaling applied to top-k weights.
 
-    Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` in the denominator,
-    in place or not) and then ``w * constant``. Returns (final node, renormalised, scale).
+    Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` or ``.clamp(min=eps)`` in
+    the denominator (ERNIE-4.5's ``norm_min``), in place or not) and then ``w * constant``. Returns (final node, renormalised, scale).
     """
     node, renormalize, scale = cast_chain_end(weights), False, 1.0
     users = list(node.users)
@@ -168,12 +241,11 @@ def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
         total = sums[0]
         if not is_last_dim(arg(total, 1, "dim"), 2) or not arg(total, 2, "keepdim", False):
             return "top-k weights are summed over something other than the experts dim"
-        denominator, eps_node = total, None
-        if len(total.users) == 1 and op_kind(next(iter(total.users))) == "add":
-            eps_node = next(iter(total.users))
-            if _const(eps_node.args[1]) is None or _const(eps_node.args[1]) > 1e-6:
+        denominator = total
+        if len(total.users) == 1 and op_kind(next(iter(total.users))) in ("add", "clamp"):
+            denominator = next(iter(total.users))
+            if _tiny_epsilon(denominator) is None:
                 return "the renormalisation denominator adds something other than a tiny epsilon"
-            denominator = eps_node
         divs = [u for u in users if op_kind(u) == "div" and u.args[0] is node and u.args[1] is denominator]
         if len(users) != 2 or len(divs) != 1:
             return "top-k weights are used beside their renormalisation"
@@ -222,18 +294,52 @@ def match_group_mask(masked: Node) -> tuple[Node, int, int, str, Node] | str:
     return scores, grouped_shape[1], topk_groups, rule, masked
 
 
-def group_limit(choice: Node, fill: float) -> tuple[Node, tuple[int, int, str]] | str:
-    """The scores under an optional DeepSeek group limit whose other groups are set to
-    ``fill``, and (num_groups, topk_groups, group score rule); (1, 1, "max") without one."""
+def group_limit(choice: Node) -> tuple[Node, tuple[int, int, str], float | None] | str:
+    """The scores under an optional DeepSeek group limit, (num_groups, topk_groups, group score
+    rule) and the value the other groups are set to; (1, 1, "max") and None without one."""
     if op_kind(choice) != "masked_fill":
-        return choice, (1, 1, "max")
+        return choice, (1, 1, "max"), None
     found = match_group_mask(choice)
     if isinstance(found, str):
         return found
     scores, num_groups, topk_groups, group_score, masked = found
-    if arg(masked, 2, "value") != fill:
-        return f"a group limit that fills the other groups with {arg(masked, 2, 'value')}, not {fill}"
-    return scores, (num_groups, topk_groups, group_score)
+    return scores, (num_groups, topk_groups, group_score), arg(masked, 2, "value")
+
+
+def score_function(node: object) -> tuple[str, Node] | None:
+    """``(scoring, logits)`` of a router's score function over the experts: softmax, sigmoid or
+    ``sqrt(softplus(L))`` (DeepSeek-V4); None for anything else."""
+    kind = op_kind(node) if isinstance(node, Node) else None
+    if kind == "softmax" and is_last_dim(arg(node, 1, "dim"), 2):
+        return "softmax", arg(node, 0, "input")
+    if kind == "sigmoid" and len(node.args) == 1:
+        return "sigmoid", node.args[0]
+    if kind in ("fn:sqrt", "method:sqrt") and len(node.args) == 1:
+        inner = node.args[0]
+        default_softplus = arg(inner, 1, "beta", 1) == 1 and arg(inner, 2, "threshold", 20) == 20
+        if op_kind(inner) in ("fn:softplus", "method:softplus") and default_softplus:
+            return "sqrtsoftplus", inner.args[0]
+    return None
+
+
+def selection_bias(choice: Node, num_experts: int) -> tuple[Node, Node] | None:
+    """``(x, bias)`` of ``x + bias`` where ``bias`` is a per-expert buffer (a cast or view of a
+    parameter or buffer of ``num_experts`` entries, e.g. ERNIE's ``bias.squeeze()``)."""
+    if op_kind(choice) != "add" or len(choice.args) != 2 or choice.kwargs:
+        return None
+    for x, bias in (choice.args, choice.args[::-1]):
+        if (isinstance(x, Node) and isinstance(bias, Node) and is_param_source(strip(bias, {"cast", "view"}))
+                and shape(bias) == (num_experts,)):
+            return x, bias
+    return None
+
+
+def _fill_fits(fill: float | None, biased: bool) -> str | None:
+    """Why a group limit's fill value can change the choice, or None. Filling the other groups
+    with 0 leaves them last only under unbiased (positive) scores."""
+    if fill is None or fill == float("-inf") or (fill == 0.0 and not biased):
+        return None
+    return f"a group limit that fills the other groups with {fill}, not -inf" + ("" if biased else " or 0")
 
 
 def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) -> RouterMatch | str:
@@ -257,31 +363,13 @@ def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) ->
 
 @router_pattern("softmax_topk")
 def softmax_topk(topk: Node) -> RouterMatch | str:
-    """softmax -> [group limit] -> top-k -> [renormalise] -> [scale].
+    """softmax -> [+ selection bias] -> [group limit] -> top-k -> top-k values or the unbiased
+    probabilities gathered at the chosen experts -> [renormalise] -> [scale].
 
-    Mixtral, Qwen2/3-MoE, OLMoE (renormalised or not), DeepSeek-V2 (greedy or group-limited).
+    Mixtral, Qwen2/3-MoE, OLMoE (renormalised or not), DeepSeek-V2 (greedy or group-limited),
+    Mistral-4 (group-limited, gathered), ERNIE-4.5 (a bias on the probabilities).
     """
-    parsed = topk_args(topk)
-    if isinstance(parsed, str):
-        return parsed
-    limited = group_limit(parsed[0], fill=0.0)
-    if isinstance(limited, str):
-        return limited
-    (probs, group), k = limited, parsed[1]
-    if op_kind(probs) != "softmax":
-        return f"top-k input is {op_kind(probs)}, not a softmax"
-    if not is_last_dim(arg(probs, 1, "dim"), 2):
-        return "softmax is not over the experts dim"
-    outputs = topk_outputs(topk, need_values=True)
-    if isinstance(outputs, str):
-        return outputs
-    values, ids = outputs
-    transformed = weight_transforms(values)
-    if isinstance(transformed, str):
-        return transformed
-    weights, renormalize, scale = transformed
-    rule = RouterRule("softmax", renormalize, False, *group, scale)
-    return _build("softmax_topk", topk, arg(probs, 0, "input"), weights, ids, k, rule)
+    return scored_topk(topk, "softmax_topk", ("softmax",))
 
 
 @router_pattern("topk_softmax")
@@ -311,31 +399,39 @@ def topk_softmax(topk: Node) -> RouterMatch | str:
 
 @router_pattern("sigmoid_topk")
 def sigmoid_topk(topk: Node) -> RouterMatch | str:
-    """sigmoid -> [+ selection bias] -> [group limit] -> top-k -> gather the unbiased
-    scores -> [renormalise] -> [scale] (DeepSeek-V3, GLM-4.5 and other sigmoid routers)."""
+    """sigmoid or sqrt-softplus -> [+ selection bias] -> [group limit] -> top-k -> gather the
+    unbiased scores -> [renormalise] -> [scale] (DeepSeek-V3/V4, GLM-4.5 and other sigmoid routers)."""
+    return scored_topk(topk, "sigmoid_topk", ("sigmoid", "sqrtsoftplus"))
+
+
+def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMatch | str:
+    """A router that scores the experts, ranks by the scores (plus a selection bias) and weighs
+    by the unbiased scores of the chosen experts."""
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
-    limited = group_limit(parsed[0], fill=float("-inf"))
+    limited = group_limit(parsed[0])
     if isinstance(limited, str):
         return limited
-    (choice, group), k = limited, parsed[1]
-    bias = None
-    if op_kind(choice) == "add":
-        scores, bias = choice.args
-        if not isinstance(bias, Node) or bias.op not in ("placeholder", "get_attr") or shape(bias) != (shape(scores)[1],):
+    (choice, group, fill), k = limited, parsed[1]
+    biased = selection_bias(choice, shape(parsed[0])[1])
+    scores, bias = biased or (choice, None)
+    found = score_function(scores)
+    if found is None or found[0] not in scorings:
+        if op_kind(choice) == "add" and biased is None and score_function(choice.args[0]) is not None:
             return "the selection scores add something other than a per-expert bias buffer"
-    else:
-        scores = choice
-    if op_kind(scores) != "sigmoid":
-        return f"top-k input is {op_kind(scores)}, not sigmoid scores"
+        return f"top-k input is {op_kind(scores)}, not {' or '.join(scorings)} scores"
+    scoring, logits = found
+    misfit = _fill_fits(fill, bias is not None)
+    if misfit:
+        return misfit
     outputs = topk_outputs(topk, need_values=False)
     if isinstance(outputs, str):
         return outputs
     values, ids = outputs
     if values is not None and bias is not None:
         return "top-k values of biased scores are used as weights"
-    if values is not None:  # no bias: the top-k values are the chosen scores
+    if values is not None:  # no bias: the top-k values are the chosen scores (inside the allowed groups)
         chosen = values
     else:
         gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] is scores]
@@ -346,5 +442,60 @@ def sigmoid_topk(topk: Node) -> RouterMatch | str:
     if isinstance(transformed, str):
         return transformed
     weights, renormalize, scale = transformed
-    rule = RouterRule("sigmoid", renormalize, False, *group, scale)
-    return _build("sigmoid_topk", topk, scores.args[0], weights, ids, k, rule, score_bias=bias)
+    rule = RouterRule(scoring, renormalize, False, *group, scale)
+    return _build(pattern, topk, logits, weights, ids, k, rule, score_bias=bias)
+
+
+@router_pattern("logit_bias_topk")
+def logit_bias_topk(topk: Node) -> RouterMatch | str:
+    """top-k of ``logits + selection bias`` -> score the unbiased logits of the chosen experts
+    (``sigmoid(L.gather(ids))`` or ``sigmoid(L).gather(ids)``) -> [renormalise] -> [scale] (Kolibri)."""
+    parsed = topk_args(topk)
+    if isinstance(parsed, str):
+        return parsed
+    limited = group_limit(parsed[0])
+    if isinstance(limited, str):
+        return limited
+    (choice, group, fill), k = limited, parsed[1]
+    biased = selection_bias(choice, shape(parsed[0])[1])
+    if biased is None:
+        return "top-k input is not logits plus a per-expert bias"
+    logits, bias = biased
+    if score_function(logits) is not None:
+        return "the bias is added to scores, not to logits"
+    if fill is not None and fill != float("-inf"):
+        return f"a group limit that fills the other groups with {fill}, not -inf"
+    outputs = topk_outputs(topk, need_values=False)
+    if isinstance(outputs, str):
+        return outputs
+    values, ids = outputs
+    if values is not None:
+        return "top-k values of biased logits are used as weights"
+    chosen = _scored_gather(logits, ids)
+    if isinstance(chosen, str):
+        return chosen
+    scoring, scored = chosen
+    transformed = weight_transforms(scored)
+    if isinstance(transformed, str):
+        return transformed
+    weights, renormalize, scale = transformed
+    rule = RouterRule(scoring, renormalize, False, *group, scale, bias_on_logits=True)
+    return _build("logit_bias_topk", topk, logits, weights, ids, k, rule, score_bias=bias)
+
+
+def _scored_gather(logits: Node, ids: Node) -> tuple[str, Node] | str:
+    """(scoring, node) of the chosen experts' scores: ``score(L.gather(ids))`` or
+    ``score(L).gather(ids)`` with sigmoid or sqrt-softplus (a softmax over the chosen logits
+    alone would be GPT-OSS's rule, which has no bias)."""
+    gathers = [u for u in ids.users if op_kind(u) == "gather" and is_last_dim(arg(u, 1, "dim"), 2)]
+    if len(gathers) != 1:
+        return "the weights are not the router's scores gathered at the chosen experts"
+    gather = gathers[0]
+    if gather.args[0] is logits and len(gather.users) == 1:
+        found = score_function(next(iter(gather.users)))
+        if found is not None and found[0] != "softmax" and found[1] is gather:
+            return found[0], next(iter(gather.users))
+    found = score_function(gather.args[0])
+    if found is not None and found[0] != "softmax" and found[1] is logits:
+        return found[0], gather
+    return "the weights are not sigmoid scores of the chosen experts' unbiased logits"
