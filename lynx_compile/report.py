@@ -79,7 +79,9 @@ def describe_rule(rule, biased: bool) -> str:
     parts = [rule.scoring + (("+logit bias" if rule.bias_on_logits else "+bias") if biased else "")]
     if rule.grouped:
         parts.append(f"{rule.num_groups} groups top {rule.topk_groups} ({rule.group_score})")
-    if rule.softmax_after_topk:
+    if rule.scoring == "sparsemixer":
+        parts.append(f"windows of {2 * rule.jitter_eps:g}")
+    elif rule.softmax_after_topk:
         parts.append("softmax over top-k")
     elif rule.renormalize:
         parts.append("renormalised")

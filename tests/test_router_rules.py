@@ -6,6 +6,7 @@ limits with gathered weights (Mistral-4); and the router patterns that read them
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 
 from lynx_compile import select_experts
 from lynx_compile.passes.graph_utils import op_kind, shape
-from lynx_compile.passes.routers import RouterMatch, match_router
-from lynx_compile.policies.rules import RouterRule, route_plain, router_scores
+from lynx_compile.passes.routers import RouterMatch, match_router, router_candidates
+from lynx_compile.policies.rules import RouterRule, route_plain, router_scores, rule_weights
 from lynx_compile.selector import reference_route
 
 NUM_EXPERTS, TOP_K, ALPHA, BETA = 16, 4, 3.0, 2
@@ -54,6 +55,12 @@ def mistral4_router(logits, top_k, num_group, topk_group, scale):
     return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale, ids
 
 
+def phimoe_router(logits, jitter_eps):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    return sparsemixer(logits, jitter_eps=jitter_eps, training=False, top_k=2)
+
+
 # (name, select_experts rule keywords, whether it has a bias, the router's own code or None)
 RULES = [
     ("ernie", dict(), True, lambda x, b: ernie_router(x, b, TOP_K)),
@@ -70,6 +77,10 @@ RULES = [
     ("mistral4", dict(num_groups=4, topk_groups=2, group_score="top2_sum", scaling_factor=2.0), False,
      lambda x, b: mistral4_router(x, TOP_K, 4, 2, 2.0)),
     ("softmax_bias_grouped", dict(num_groups=4, topk_groups=2, group_score="top2_sum"), True, None),
+    ("phimoe", dict(scoring="sparsemixer", renormalize=False, jitter_eps=0.01), False,
+     lambda x, b: phimoe_router(x, 0.01)),
+    ("phimoe_wide", dict(scoring="sparsemixer", renormalize=False, jitter_eps=0.2), False,
+     lambda x, b: phimoe_router(x, 0.2)),
 ]
 IDS = [name for name, *_ in RULES]
 
@@ -91,8 +102,12 @@ def rule_of(keywords: dict) -> RouterRule:
     return RouterRule(**{k: v for k, v in keywords.items()})
 
 
+def top_k_of(keywords: dict) -> int:
+    return 2 if keywords.get("scoring") == "sparsemixer" else TOP_K  # sparsemixer chooses two
+
+
 def run(logits, keywords, bias, **extra):
-    return select_experts(logits, TOP_K, alpha=ALPHA, beta=BETA, score_bias=bias, **keywords, **extra)
+    return select_experts(logits, top_k_of(keywords), alpha=ALPHA, beta=BETA, score_bias=bias, **keywords, **extra)
 
 
 # --- plain routing is the router's -------------------------------------------------------
@@ -102,7 +117,7 @@ def test_plain_routing_is_the_routers_own(name, keywords, biased, router):
     for seed in range(3):
         logits = router_logits(24, seed)
         bias = bias_for(seed) if biased else None
-        plain_weights, plain_ids = route_plain(logits, TOP_K, rule_of(keywords), bias)
+        plain_weights, plain_ids = route_plain(logits, top_k_of(keywords), rule_of(keywords), bias)
         if router is not None:  # route_plain is the router's code
             own_weights, own_ids = router(logits, bias)
             assert torch.equal(own_ids.sort(-1).values, plain_ids.sort(-1).values)
@@ -127,10 +142,14 @@ def test_a_mutated_rule_is_not_the_router(name, keywords, biased, router):
     own_weights, own_ids = router(logits, bias)
     own = own_weights.gather(-1, own_ids.argsort(-1)), own_ids.sort(-1).values
     rule = rule_of(keywords)
-    other_scoring = {"softmax": "sigmoid", "sigmoid": "softmax", "sqrtsoftplus": "sigmoid"}[rule.scoring]
-    mutants = [(dataclasses.replace(rule, scoring=other_scoring), bias),
-               (dataclasses.replace(rule, renormalize=not rule.renormalize), bias),
+    other_scoring = {"softmax": "sigmoid", "sigmoid": "softmax", "sqrtsoftplus": "sigmoid",
+                     "sparsemixer": "softmax"}[rule.scoring]
+    mutants = [(dataclasses.replace(rule, scoring=other_scoring, jitter_eps=0.0), bias),
                (dataclasses.replace(rule, scaling_factor=rule.scaling_factor * 2), bias)]
+    if rule.scoring == "sparsemixer":
+        mutants += [(dataclasses.replace(rule, jitter_eps=rule.jitter_eps * 4), bias)]
+    else:
+        mutants += [(dataclasses.replace(rule, renormalize=not rule.renormalize), bias)]
     if biased:
         mutants += [(dataclasses.replace(rule, bias_on_logits=not rule.bias_on_logits), bias),
                     (dataclasses.replace(rule, bias_on_logits=False), None)]
@@ -138,7 +157,7 @@ def test_a_mutated_rule_is_not_the_router(name, keywords, biased, router):
         mutants += [(dataclasses.replace(rule, num_groups=1, topk_groups=1, group_score="max"), bias),
                     (dataclasses.replace(rule, group_score="max"), bias)]
     for mutant, mutant_bias in mutants:
-        weights, ids = route_plain(logits, TOP_K, mutant, mutant_bias)
+        weights, ids = route_plain(logits, top_k_of(keywords), mutant, mutant_bias)
         same_ids = torch.equal(ids.sort(-1).values, own[1])
         assert not (same_ids and torch.allclose(weights.gather(-1, ids.argsort(-1)), own[0])), mutant
 
@@ -151,7 +170,7 @@ def test_route_equals_the_reference(name, keywords, biased, router):
         logits = router_logits(16, seed)
         bias = bias_for(seed) if biased else None
         weights, ids = run(logits, keywords, bias)
-        ref_weights, ref_ids = reference_route(logits, TOP_K, rule_of(keywords), "lynx",
+        ref_weights, ref_ids = reference_route(logits, top_k_of(keywords), rule_of(keywords), "lynx",
                                                {"alpha": ALPHA, "beta": BETA}, bias)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(weights, ref_weights)
@@ -169,16 +188,17 @@ def test_algorithm_properties(name, keywords, biased, router):
         # k distinct experts, all allowed, each token's best-ranked inside the kept set
         assert (ids.sort(-1).values.diff(dim=-1) > 0).all()
         assert (rank.gather(-1, ids) > float("-inf")).all()
-        best_kept = rank.masked_fill(~kept, float("-inf")).topk(TOP_K, dim=-1).indices
+        top_k = top_k_of(keywords)
+        best_kept = rank.masked_fill(~kept, float("-inf")).topk(top_k, dim=-1).indices
         assert torch.equal(ids.sort(-1).values, best_kept.sort(-1).values)
         # a token whose bin 0 holds at most k experts keeps them all (confident tokens keep top-1)
         bins = torch.ceil((affinity - affinity.amax(-1, keepdim=True)) * ALPHA)
         bin0 = bins == 0
         for t in range(logits.shape[0]):
-            if bin0[t].sum() <= TOP_K:
+            if bin0[t].sum() <= top_k:
                 assert set(bin0[t].nonzero().flatten().tolist()) <= set(ids[t].tolist())
         top1 = rank.argmax(-1, keepdim=True)
-        confident = bin0.sum(-1) <= TOP_K
+        confident = bin0.sum(-1) <= top_k
         assert (ids == top1).any(-1)[confident].all()
         if rule.renormalize:
             torch.testing.assert_close(weights.sum(-1), torch.full((16,), rule.scaling_factor))
@@ -191,6 +211,21 @@ def test_a_constant_bias_shift_leaves_the_choice_unchanged(name, keywords, biase
         logits, bias = router_logits(16, seed), bias_for(seed, scale=0.25)
         choices = [run(logits, keywords, bias + shift)[1] for shift in (0.0, 0.5, 1.0, -1.0, 4.0)]
         assert all(torch.equal(c, choices[0]) for c in choices[1:]), name
+
+
+def test_sparsemixer_weighs_each_chosen_expert_by_its_window():
+    # the router's masked softmax around each chosen expert, on all logits: a better expert the
+    # batch dropped still counts in the softmax
+    logits = torch.tensor([[4.0, 3.9, 3.0, 0.0], [1.0, 2.0, 1.95, 1.9]])
+    ids = torch.tensor([[1, 2], [2, 3]])  # neither token's plain top-2
+    weights = rule_weights(logits, logits, ids, torch.ones_like(ids, dtype=torch.bool), 2,
+                           RouterRule("sparsemixer", False, jitter_eps=0.05))
+    e = math.exp
+    want = torch.tensor([
+        [e(3.9) / (e(4.0) + e(3.9)), e(3.0) / (e(4.0) + e(3.0))],  # windows: >= 3.9 * 0.9 and >= 3.0 * 0.9
+        [e(1.95) / (e(2.0) + e(1.95) + e(1.9)), e(1.9) / (e(2.0) + e(1.9))],
+    ])
+    torch.testing.assert_close(weights, want)
 
 
 def orders_alike(rank: torch.Tensor, affinity: torch.Tensor) -> bool:
@@ -242,7 +277,7 @@ def router_matches(fn, *args) -> list:
     with torch.no_grad():
         torch.compile(fn, backend=keep_graph, fullgraph=True)(*args)
     (gm,) = graphs
-    return [match_router(n) for n in gm.graph.nodes if op_kind(n) == "topk"]
+    return [match_router(n) for n in router_candidates(gm.graph.nodes)]
 
 
 class SoftcapRouter(torch.nn.Module):
@@ -392,3 +427,56 @@ def test_a_softcapped_laguna_block_is_rewritten_and_exact(monkeypatch):
     result = family_sweep.sweep_family("laguna", scope="block")
     assert result.problems == [] and result.status == "rewritten", (result.problems, result.reasons[:2])
     assert result.rules == ["sigmoid+bias, renormalised; gate_up_concat, silu"]
+
+
+def test_the_sparsemixer_router_is_matched_from_its_first_max():
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter
+
+    config = PhimoeConfig(hidden_size=32, num_local_experts=NUM_EXPERTS, num_experts_per_tok=2,
+                          router_jitter_noise=0.05)
+    router = PhimoeTopKRouter(config).eval()
+    found = router_matches(lambda x: router(x.reshape(-1, 32))[1:], torch.randn(2, 3, 32))
+    (match,) = [m for m in found if isinstance(m, RouterMatch)]  # (the second max is no router)
+    assert (match.pattern, match.rule, match.top_k) == ("sparsemixer", RouterRule("sparsemixer", False, jitter_eps=0.05), 2)
+    assert shape(match.layer_input) == (2, 3, 32) and op_kind(match.ids) == "fn:concat"
+    assert op_kind(match.topk) == "method:max"
+
+
+@pytest.mark.parametrize("name,keywords,biased", [
+    ("ernie", dict(), True),
+    ("kolibri", dict(scoring="sigmoid", bias_on_logits=True), True),
+    ("deepseek_v4", dict(scoring="sqrtsoftplus", scaling_factor=1.5), True),
+    ("phimoe", dict(scoring="sparsemixer", renormalize=False, jitter_eps=0.2), False),
+])
+def test_the_op_carries_the_rule_through_its_decomposition(name, keywords, biased):
+    # what Inductor traces in place of the op (backend.py) routes as select_experts does
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    import lynx_compile
+    from lynx_compile.ops import select_experts_decomposition
+    from lynx_compile.step import step_buffers
+
+    select_op = torch.ops.lynx.select_experts.default
+    rule = rule_of(keywords)
+    top_k = top_k_of(keywords)
+    state, mask = step_buffers("cpu")
+    logits, bias = router_logits(12, 3), bias_for(3) if biased else None
+
+    def select(x, b):
+        return select_op(x, b, state, mask, top_k, 1, "lynx", [ALPHA, float(BETA)], True, rule.scoring,
+                         rule.renormalize, rule.softmax_after_topk, rule.num_groups, rule.topk_groups,
+                         rule.group_score, rule.scaling_factor, rule.bias_on_logits, rule.jitter_eps)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           decompositions={**select_decomp_table(), select_op: select_experts_decomposition})
+    torch._dynamo.reset()
+    traced = torch.compile(select, backend=backend, fullgraph=True)
+    with lynx_compile.step(decode=True, num_live=12):
+        got, eager = traced(logits, bias), select(logits, bias)
+    want = run(logits, keywords, bias)
+    assert torch.equal(got[1], want[1]) and torch.equal(eager[1], want[1])
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(eager[0], want[0])

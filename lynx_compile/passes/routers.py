@@ -51,14 +51,24 @@ class RouterMatch:
 
 RouterPattern = Callable[[Node], "RouterMatch | str"]
 ROUTER_PATTERNS: dict[str, RouterPattern] = {}
+PATTERN_ROOTS: dict[str, str] = {}  # pattern -> the op kind it starts from
 
 
-def router_pattern(name: str):
+def router_pattern(name: str, root: str = "topk"):
+    """Register a pattern that starts from nodes of kind ``root`` (a router's final top-k; a
+    router without one names the node it starts from, e.g. sparsemixer's first max)."""
     def register(fn: RouterPattern) -> RouterPattern:
         ROUTER_PATTERNS[name] = fn
+        PATTERN_ROOTS[name] = root
         return fn
 
     return register
+
+
+def router_candidates(nodes) -> list[Node]:
+    """The nodes some pattern starts from, in graph order."""
+    roots = set(PATTERN_ROOTS.values())
+    return [n for n in nodes if op_kind(n) in roots]
 
 
 def guarded(pattern, *args):
@@ -75,9 +85,12 @@ class Refusal(str):
 
 
 def match_router(topk: Node) -> RouterMatch | str:
-    """The first pattern that matches, or the reasons none did."""
+    """The first pattern that matches, or the reasons none did (of the patterns that start
+    from this kind of node)."""
     reasons = []
     for name, pattern in ROUTER_PATTERNS.items():
+        if PATTERN_ROOTS[name] != op_kind(topk):
+            continue
         found = guarded(pattern, topk)
         if isinstance(found, RouterMatch):
             return found
@@ -499,3 +512,79 @@ def _scored_gather(logits: Node, ids: Node) -> tuple[str, Node] | str:
     if found is not None and found[0] != "softmax" and found[1] is logits:
         return found[0], gather
     return "the weights are not sigmoid scores of the chosen experts' unbiased logits"
+
+
+@router_pattern("sparsemixer", root="method:max")
+def sparsemixer(first_max: Node) -> RouterMatch | str:
+    """Phi-3.5-MoE's sparsemixer at inference: the best logit (``max``), then the best of the rest
+    (``scatter`` -inf, ``max``); each weight a softmax over the logits within ``2 * jitter_eps``
+    (relative) of the chosen one; ``cat`` of the two. ``first_max`` is the first max."""
+    logits = first_max.args[0] if first_max.args else None
+    if (not isinstance(logits, Node) or shape(logits) is None or len(shape(logits)) != 2
+            or not is_last_dim(arg(first_max, 1, "dim"), 2) or not arg(first_max, 2, "keepdim", False)):
+        return "not a max over the experts of [tokens, experts] logits"
+    first = _max_outputs(first_max)
+    if isinstance(first, str):
+        return first
+    threshold, first_id = first
+    masked = [u for u in first_id.users if op_kind(u) == "fn:scatter" and u.args[0] is logits]
+    if len(masked) != 1 or tuple(masked[0].args[1:]) != (-1, first_id, float("-inf")):
+        return "the first choice is not removed by scatter(logits, -1, ids, -inf)"
+    second_maxes = [u for u in masked[0].users if op_kind(u) == "method:max"]
+    second = _max_outputs(second_maxes[0]) if len(second_maxes) == 1 else "no max over the rest"
+    if isinstance(second, str):
+        return second
+    eps = set()
+    weights = []
+    for scores, (bound, chosen) in ((logits, first), (masked[0], second)):
+        found = _window_weight(logits, scores, bound, chosen)
+        if isinstance(found, str):
+            return found
+        eps.add(found[0])
+        weights.append(found[1])
+    if len(eps) != 1:
+        return "the two windows differ"
+    cats = [_cat_of(weights), _cat_of([first_id, second[1]])]
+    if any(isinstance(c, str) for c in cats):
+        return next(c for c in cats if isinstance(c, str))
+    rule = RouterRule("sparsemixer", False, jitter_eps=eps.pop() / 2)
+    return _build("sparsemixer", first_max, logits, cats[0], cats[1], 2, rule)
+
+
+def _max_outputs(node: Node) -> tuple[Node, Node] | str:
+    outs = tuple_outputs(node)
+    if not is_last_dim(arg(node, 1, "dim"), 2) or not arg(node, 2, "keepdim", False) or set(outs) != {0, 1}:
+        return "a max whose values and indices are not both used"
+    return outs[0], outs[1]
+
+
+def _window_weight(logits: Node, scores: Node, bound: Node, chosen: Node) -> tuple[float, Node] | str:
+    """``softmax(scores.masked_fill((bound - logits) / logits.abs().clamp(min=bound) > c, -inf))
+    .gather(-1, chosen)``: (c, the gathered weight)."""
+    fills = [u for u in scores.users if op_kind(u) == "masked_fill" and u.args[0] is scores
+             and arg(u, 2, "value") == float("-inf")]
+    for fill in fills:
+        test = arg(fill, 1, "mask")
+        if op_kind(test) != "fn:gt" or _const(test.args[1]) is None:
+            continue
+        ratio = test.args[0]
+        if op_kind(ratio) != "div" or op_kind(ratio.args[0]) != "sub" or op_kind(ratio.args[1]) != "clamp":
+            continue
+        difference, factor = ratio.args
+        magnitude = factor.args[0]
+        if (difference.args != (bound, logits) or op_kind(magnitude) != "method:abs" or magnitude.args[0] is not logits
+                or arg(factor, 1, "min") is not bound or arg(factor, 2, "max") is not None):
+            continue
+        probs = [u for u in fill.users if op_kind(u) == "softmax" and is_last_dim(arg(u, 1, "dim"), 2)]
+        gathers = [u for p in probs for u in p.users if op_kind(u) == "gather"]
+        if len(probs) == 1 and len(gathers) == 1 and arg(gathers[0], 2, "index") is chosen \
+                and is_last_dim(arg(gathers[0], 1, "dim"), 2):
+            return _const(test.args[1]), gathers[0]
+    return "a sparsemixer weight is not a softmax over a relative window around the chosen logit"
+
+
+def _cat_of(parts: list[Node]) -> Node | str:
+    users = [u for u in parts[0].users if op_kind(u) == "fn:concat" or op_kind(u) == "fn:cat"]
+    if len(users) != 1 or list(arg(users[0], 0, "tensors")) != parts or not is_last_dim(arg(users[0], 1, "dim"), 2):
+        return "the two choices are not concatenated over the last dim"
+    return users[0]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 _EPS = float(torch.finfo(torch.float32).eps)
 _TINY = float(torch.finfo(torch.float32).tiny)
@@ -32,7 +32,7 @@ _TINY = float(torch.finfo(torch.float32).tiny)
 class RouterRule:
     """How a router turns logits into (weights, ids). The default is Mixtral's."""
 
-    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(L)))
+    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(L))) | "sparsemixer"
     renormalize: bool = True  # chosen weights sum to 1
     softmax_after_topk: bool = False  # GPT-OSS: top-k of the logits, softmax over those k
     num_groups: int = 1  # group-limited top-k (DeepSeek): experts in num_groups groups...
@@ -40,6 +40,7 @@ class RouterRule:
     group_score: str = "max"  # a group's score: its best expert (V2) or its best two summed (V3)
     scaling_factor: float = 1.0  # DeepSeek's routed_scaling_factor
     bias_on_logits: bool = False  # the selection bias is added to the logits (Kolibri), not the scores
+    jitter_eps: float = 0.0  # sparsemixer (Phi-3.5-MoE): each weight is a softmax over a 2 * eps window
 
     def __post_init__(self):
         if self.scoring not in SCORINGS:
@@ -58,6 +59,13 @@ class RouterRule:
                 raise ValueError(f"{name} must be an int, got {value!r}")
         if not 1 <= self.topk_groups <= self.num_groups:
             raise ValueError(f"need 1 <= topk_groups <= num_groups, got {self.topk_groups}, {self.num_groups}")
+        eps = self.jitter_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+            raise ValueError(f"jitter_eps must be a finite number >= 0, got {eps!r}")
+        if eps and self.scoring != "sparsemixer":
+            raise ValueError("jitter_eps applies to scoring='sparsemixer' only")
+        if self.scoring == "sparsemixer" and (self.grouped or self.softmax_after_topk):
+            raise ValueError("scoring='sparsemixer' has no group limit and no softmax after top-k")
         scale = self.scaling_factor
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
             raise ValueError(f"scaling_factor must be a finite number > 0, got {scale!r}")
@@ -78,11 +86,14 @@ def check_rule(rule: RouterRule, num_experts: int, top_k: int, score_bias) -> No
                              f"({num_experts} experts in {rule.num_groups} groups)")
         if top_k > rule.topk_groups * per_group:
             raise ValueError(f"top_k={top_k} exceeds the experts of topk_groups={rule.topk_groups} groups")
+    if rule.scoring == "sparsemixer" and top_k != 2:
+        raise ValueError(f"scoring='sparsemixer' chooses top_k=2 experts, got top_k={top_k}")
     if score_bias is None and rule.bias_on_logits:
         raise ValueError("bias_on_logits=True needs a score_bias")
     if score_bias is not None:
-        if rule.softmax_after_topk:
-            raise ValueError("score_bias (a selection-only bias) is not supported with softmax_after_topk")
+        if rule.softmax_after_topk or rule.scoring == "sparsemixer":
+            raise ValueError("score_bias (a selection-only bias) is not supported with softmax_after_topk "
+                             "or scoring='sparsemixer'")
         if tuple(score_bias.shape) != (num_experts,):
             raise ValueError(f"score_bias must have shape [{num_experts}], got {tuple(score_bias.shape)}")
 
@@ -103,8 +114,9 @@ def group_mask(group_source: torch.Tensor, rule: RouterRule) -> torch.Tensor:
 
 
 def score_values(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """The router's scores of every expert: what its weights are made of."""
-    if scoring == "softmax":
+    """The router's scores of every expert: what its weights are made of (sparsemixer's are
+    windowed softmaxes, ``sparsemixer_weights``; its dense gate is the softmax)."""
+    if scoring in ("softmax", "sparsemixer"):
         return torch.softmax(logits, dim=-1)
     if scoring == "sigmoid":
         return torch.sigmoid(logits)
@@ -130,8 +142,9 @@ def router_scores(logits: torch.Tensor, rule: RouterRule, score_bias: torch.Tens
     token both order the experts alike. Only an expert's gap to the token's best affinity
     matters (bins are ``1 / alpha`` of it), so any per-token constant may be added to it.
 
-    Without a bias the affinity is the logits: a softmax ranks by them (the probabilities'
-    order); sigmoid and sqrt-softplus are increasing functions of them.
+    Without a bias the affinity is the logits: a softmax (and sparsemixer, which picks its
+    experts by the logits' maxima) ranks by them (the probabilities' order); sigmoid and
+    sqrt-softplus are increasing functions of them.
 
     A bias on the logits (Kolibri: rank by ``L + b``) keeps the ranking on the logit scale:
     ``affinity = L + b``.
@@ -151,7 +164,7 @@ def router_scores(logits: torch.Tensor, rule: RouterRule, score_bias: torch.Tens
     scores = None
     if score_bias is None:
         rank = affinity = logits
-        if rule.scoring != "softmax":
+        if rule.scoring in ("sigmoid", "sqrtsoftplus"):
             scores = rank = score_values(logits, rule.scoring)
     elif rule.bias_on_logits:
         rank = affinity = logits + score_bias
@@ -239,8 +252,11 @@ def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, va
       Llama-4, DeepSeek-V4).
     A selection bias only ranks: the weights are the unbiased scores (with a softmax's plain
     mass taken from the plain top-k of the biased ranking).
+    sparsemixer: the router's masked softmax around each chosen expert (``sparsemixer_weights``).
     """
-    if rule.softmax_after_topk:
+    if rule.scoring == "sparsemixer":
+        weights = sparsemixer_weights(logits, ids, rule.jitter_eps) * valid
+    elif rule.softmax_after_topk:
         weights = torch.softmax(logits.gather(-1, ids).masked_fill(~valid, float("-inf")), dim=-1)
     else:
         scores = score_values(logits, rule.scoring)
@@ -253,11 +269,35 @@ def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, va
     return weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights
 
 
+def sparsemixer_weights(logits: torch.Tensor, ids: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+    """Phi-3.5-MoE's sparsemixer weights (inference) of the chosen ``ids`` [T, 2], the best first.
+
+    The first expert's weight is a softmax over the experts whose logit is within ``2 *
+    jitter_eps`` (relative) of its own or above it; the second's the same around its logit with
+    the first expert removed. With the plain top-2 (the best logit, then the best of the rest)
+    this is the router's code exactly, so B = 1 and prefill are plain routing. With another
+    choice it is the same formula around the chosen experts: a better expert the batch did not
+    keep still counts in the softmax (dropping it does not raise the others' weights, as in a
+    softmax router that is not renormalised). -inf logits stay out of the windows."""
+    first, second = ids[:, :1], ids[:, 1:2]
+    outside = logits == float("-inf")  # (their window test would be inf / inf: keep it out)
+    weights = []
+    for chosen, scores in ((first, logits), (second, logits.scatter(-1, first, float("-inf")))):
+        threshold = scores.gather(-1, chosen)
+        factor = logits.abs().clamp(min=threshold)
+        window = ((threshold - logits) / factor > 2 * jitter_eps) | outside
+        weights.append(torch.softmax(scores.masked_fill(window, float("-inf")), dim=-1).gather(-1, chosen))
+    return torch.cat(weights, dim=-1)
+
+
 def route_plain(logits: torch.Tensor, top_k: int, rule: RouterRule, score_bias: torch.Tensor | None = None):
     """Plain top-k routing under ``rule`` with the routers' own op sequence (a reference)."""
     if rule.softmax_after_topk:
         values, ids = torch.topk(logits, top_k, dim=-1)
         return torch.softmax(values, dim=-1), ids
+    if rule.scoring == "sparsemixer":
+        weights, ids = _sparsemixer(logits, rule.jitter_eps)
+        return (weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights), ids
     if rule.scoring == "softmax" and score_bias is None:  # Mixtral, DeepSeek-V2, Mistral-4
         scores = torch.softmax(logits, dim=-1)
         choice = scores.masked_fill(~group_mask(scores, rule), 0.0) if rule.grouped else scores
@@ -275,3 +315,16 @@ def route_plain(logits: torch.Tensor, top_k: int, rule: RouterRule, score_bias: 
     if rule.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return (weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights), ids
+
+
+def _sparsemixer(scores: torch.Tensor, jitter_eps: float):
+    """transformers' ``phimoe.sparsemixer`` at inference, as written there."""
+    threshold, first = scores.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    gates = torch.softmax(scores.masked_fill((threshold - scores) / factor > 2 * jitter_eps, float("-inf")), dim=-1)
+    masked_scores = torch.scatter(scores, -1, first, float("-inf"))
+    threshold, second = masked_scores.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    gates_top2 = torch.softmax(
+        masked_scores.masked_fill((threshold - scores) / factor > 2 * jitter_eps, float("-inf")), dim=-1)
+    return torch.cat((gates.gather(-1, first), gates_top2.gather(-1, second)), dim=-1), torch.cat((first, second), -1)
