@@ -54,11 +54,14 @@ it weighs nothing, and a scaling factor multiplies every weight alike (it cancel
   the token's allowed groups (the selector keeps the group limit), so the ratio compares sets
   under the same limit;
 - sigmoid routers (DeepSeek-V3, grouped or not, with a selection bias or not): ``g`` is the
-  unbiased sigmoid score (sqrt-softplus routers, DeepSeek-V4: the unbiased sqrt-softplus score). These do not sum to 1 over the experts, but only the ratio
+  unbiased sigmoid score (DeepSeek-V4's sqrt-softplus routers: the unbiased sqrt-softplus
+  score). These do not sum to 1 over the experts, but only the ratio
   ``g(C) / g(T)`` is used, so no normalisation is needed. With a selection bias, ``T`` is the
   top-k of the *biased* score, not the set of most gate mass, so ``C`` can carry more mass than
   ``T`` and mass kept can exceed 1 (the bias trades gate mass for load balance; a re-routing may
   undo part of that trade). The bound is then still "lose at most this share of the plain mass".
+- sparsemixer (Phi-3.5-MoE): ``g`` is the softmax over all E, a proxy: its weights are softmaxes
+  over windows around each chosen expert, which the mass bound below does not model.
 
 Why mass kept is a label-free proxy for the change of the layer output. The block computes
 ``y = sum_j w_j f_j(x)`` over its chosen experts. Take the router's dense mixture as the

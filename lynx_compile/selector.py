@@ -133,15 +133,15 @@ def select_experts(
             defaults are a softmax router. ``scoring``: ``"softmax"``, ``"sigmoid"``,
             ``"sqrtsoftplus"`` (``sqrt(softplus(logits))``, DeepSeek-V4) or ``"sparsemixer"``
             (Phi-3.5-MoE, top_k=2: the best two logits, each weighed by a softmax over the experts
-            within ``2 * jitter_eps`` of it, relative; ``renormalize`` does not apply). ``score_bias``: a selection-only bias
-            ``[E]`` added to the scores before top-k (the weights use the unbiased scores), or with
-            ``bias_on_logits=True`` added to the logits. GPT-OSS: ``softmax_after_topk=True``.
-            DeepSeek-V3: ``scoring="sigmoid", score_bias=e_score_correction_bias,
-            num_groups=n_group, topk_groups=topk_group, group_score="top2_sum",
-            scaling_factor=routed_scaling_factor``. ERNIE-4.5: ``score_bias=e_score_correction_bias``
-            (softmax). Kolibri: ``scoring="sigmoid", score_bias=e_score_correction_bias,
-            bias_on_logits=True``. Phi-3.5-MoE: ``scoring="sparsemixer",
-            jitter_eps=router_jitter_noise``.
+            within ``2 * jitter_eps`` of it, relative; ``renormalize`` does not apply).
+            ``score_bias``: a selection-only bias ``[E]`` added to the scores before top-k (the
+            weights use the unbiased scores), or with ``bias_on_logits=True`` added to the logits.
+            GPT-OSS: ``softmax_after_topk=True``. DeepSeek-V3: ``scoring="sigmoid",
+            score_bias=e_score_correction_bias, num_groups=n_group, topk_groups=topk_group,
+            group_score="top2_sum", scaling_factor=routed_scaling_factor``. ERNIE-4.5:
+            ``score_bias=e_score_correction_bias`` (softmax). Kolibri: ``scoring="sigmoid",
+            score_bias=e_score_correction_bias, bias_on_logits=True``. Phi-3.5-MoE:
+            ``scoring="sparsemixer", jitter_eps=router_jitter_noise``.
         live: bool ``[T]``: the rows that are live tokens (None: all). Other rows (padding,
             finished sequences) do not vote and do not count in the batch; they are routed
             inside the kept set.

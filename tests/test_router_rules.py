@@ -438,7 +438,8 @@ def test_the_sparsemixer_router_is_matched_from_its_first_max():
     router = PhimoeTopKRouter(config).eval()
     found = router_matches(lambda x: router(x.reshape(-1, 32))[1:], torch.randn(2, 3, 32))
     (match,) = [m for m in found if isinstance(m, RouterMatch)]  # (the second max is no router)
-    assert (match.pattern, match.rule, match.top_k) == ("sparsemixer", RouterRule("sparsemixer", False, jitter_eps=0.05), 2)
+    rule = RouterRule("sparsemixer", False, jitter_eps=0.05)
+    assert (match.pattern, match.rule, match.top_k) == ("sparsemixer", rule, 2)
     assert shape(match.layer_input) == (2, 3, 32) and op_kind(match.ids) == "fn:concat"
     assert op_kind(match.topk) == "method:max"
 

@@ -245,7 +245,8 @@ def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
     """Renormalisation and scaling applied to top-k weights.
 
     Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` or ``.clamp(min=eps)`` in
-    the denominator (ERNIE-4.5's ``norm_min``), in place or not) and then ``w * constant``. Returns (final node, renormalised, scale).
+    the denominator (ERNIE-4.5's ``norm_min``), in place or not) and then ``w * constant``.
+    Returns (final node, renormalised, scale).
     """
     node, renormalize, scale = cast_chain_end(weights), False, 1.0
     users = list(node.users)

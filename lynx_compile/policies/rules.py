@@ -32,7 +32,7 @@ _TINY = float(torch.finfo(torch.float32).tiny)
 class RouterRule:
     """How a router turns logits into (weights, ids). The default is Mixtral's."""
 
-    scoring: str = "softmax"  # "softmax" | "sigmoid" | "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(L))) | "sparsemixer"
+    scoring: str = "softmax"  # | "sigmoid" | "sqrtsoftplus" (DeepSeek-V4) | "sparsemixer" (Phi-3.5-MoE)
     renormalize: bool = True  # chosen weights sum to 1
     softmax_after_topk: bool = False  # GPT-OSS: top-k of the logits, softmax over those k
     num_groups: int = 1  # group-limited top-k (DeepSeek): experts in num_groups groups...
