@@ -481,3 +481,24 @@ def test_the_op_carries_the_rule_through_its_decomposition(name, keywords, biase
     assert torch.equal(got[1], want[1]) and torch.equal(eager[1], want[1])
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(eager[0], want[0])
+
+
+def test_a_softmax_router_biased_on_its_logits_is_matched():
+    class SoftmaxLogitBias(KolibriRouter):
+        def forward(self, hidden):
+            logits = F.linear(hidden.reshape(-1, 32), self.weight)
+            ids = torch.topk(logits + self.e_score_correction_bias, TOP_K, dim=-1)[1]
+            weights = logits.softmax(-1).gather(1, ids)
+            return weights / weights.sum(dim=-1, keepdim=True), ids
+
+    (match,) = router_matches(SoftmaxLogitBias(), torch.randn(2, 3, 32))
+    assert isinstance(match, RouterMatch), match
+    assert match.rule == RouterRule("softmax", True, bias_on_logits=True)
+    logits, bias = router_logits(16, 4), bias_for(4)
+    weights, ids = route_plain(logits, TOP_K, match.rule, bias)
+    own_ids = torch.topk(logits + bias, TOP_K).indices
+    own_weights = logits.softmax(-1).gather(1, own_ids)
+    assert torch.equal(ids.sort(-1).values, own_ids.sort(-1).values)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(16))
+    torch.testing.assert_close(weights.gather(-1, ids.argsort(-1)),
+                               (own_weights / own_weights.sum(-1, keepdim=True)).gather(-1, own_ids.argsort(-1)))

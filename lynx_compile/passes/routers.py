@@ -463,7 +463,7 @@ def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMa
 @router_pattern("logit_bias_topk")
 def logit_bias_topk(topk: Node) -> RouterMatch | str:
     """top-k of ``logits + selection bias`` -> score the unbiased logits of the chosen experts
-    (``sigmoid(L.gather(ids))`` or ``sigmoid(L).gather(ids)``) -> [renormalise] -> [scale] (Kolibri)."""
+    (``sigmoid(L.gather(ids))`` or ``score(L).gather(ids)``) -> [renormalise] -> [scale] (Kolibri)."""
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
@@ -498,9 +498,9 @@ def logit_bias_topk(topk: Node) -> RouterMatch | str:
 
 
 def _scored_gather(logits: Node, ids: Node) -> tuple[str, Node] | str:
-    """(scoring, node) of the chosen experts' scores: ``score(L.gather(ids))`` or
-    ``score(L).gather(ids)`` with sigmoid or sqrt-softplus (a softmax over the chosen logits
-    alone would be GPT-OSS's rule, which has no bias)."""
+    """(scoring, node) of the chosen experts' scores: ``score(L.gather(ids))`` with sigmoid or
+    sqrt-softplus (a softmax over the chosen logits alone would be GPT-OSS's rule, which has no
+    bias), or ``score(L).gather(ids)``."""
     gathers = [u for u in ids.users if op_kind(u) == "gather" and is_last_dim(arg(u, 1, "dim"), 2)]
     if len(gathers) != 1:
         return "the weights are not the router's scores gathered at the chosen experts"
@@ -510,9 +510,9 @@ def _scored_gather(logits: Node, ids: Node) -> tuple[str, Node] | str:
         if found is not None and found[0] != "softmax" and found[1] is gather:
             return found[0], next(iter(gather.users))
     found = score_function(gather.args[0])
-    if found is not None and found[0] != "softmax" and found[1] is logits:
+    if found is not None and found[1] is logits:
         return found[0], gather
-    return "the weights are not sigmoid scores of the chosen experts' unbiased logits"
+    return "the weights are not the scores of the chosen experts' unbiased logits"
 
 
 @router_pattern("sparsemixer", root="method:max")

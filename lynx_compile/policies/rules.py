@@ -157,9 +157,12 @@ def router_scores(logits: torch.Tensor, rule: RouterRule, score_bias: torch.Tens
     other expert sits below it by how far its biased score falls short, on the same logit scale.
     The inverse is ``logit`` for sigmoid (DeepSeek-V3), ``log`` for softmax (ERNIE-4.5: the
     log-probability, whose gaps are the logits' gaps without a bias) and ``softplus^-1(s^2)``
-    for sqrt-softplus (DeepSeek-V4). (``logit(sigmoid(L) + b)`` instead saturates: experts
-    whose biased score reaches 1 all land in bin 0, and a constant bias shift changes the
-    choice.) Scores that fall to 0 or below land in the deepest bin.
+    for sqrt-softplus (DeepSeek-V4); each is increasing, so the affinity orders experts as the
+    biased score does, and a bin is ``1 / alpha`` logits wide under every score function (binning
+    the scores themselves would not be: sqrt-softplus compresses large logits, ``s ~ sqrt(L)``,
+    and sigmoid saturates). (``logit(sigmoid(L) + b)`` instead saturates: experts whose biased
+    score reaches 1 all land in bin 0, and a constant bias shift changes the choice.) Scores
+    that fall to 0 or below land in the deepest bin.
     """
     scores = None
     if score_bias is None:
