@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lynx_compile import select_experts
 from lynx_compile.passes.graph_utils import op_kind, shape
-from lynx_compile.passes.routers import RouterMatch, match_router, router_candidates
+from lynx_compile.passes.routers import Refusal, RouterMatch, match_router, router_candidates
 from lynx_compile.policies.rules import RouterRule, route_plain, router_scores, rule_weights
 from lynx_compile.selector import reference_route
 
@@ -502,3 +502,19 @@ def test_a_softmax_router_biased_on_its_logits_is_matched():
     torch.testing.assert_close(weights.sum(-1), torch.ones(16))
     torch.testing.assert_close(weights.gather(-1, ids.argsort(-1)),
                                (own_weights / own_weights.sum(-1, keepdim=True)).gather(-1, own_ids.argsort(-1)))
+
+
+def test_hash_routed_layers_are_left_with_their_reason():
+    class HashRouter(KolibriRouter):  # DeepSeek-V4's DeepseekV4HashRouter
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("tid2eid", torch.randint(0, NUM_EXPERTS, (96, 2)))
+
+        def forward(self, hidden, input_ids):
+            scores = F.softplus(F.linear(hidden.reshape(-1, 32), self.weight)).sqrt()
+            weights = scores.gather(1, self.tid2eid[input_ids.reshape(-1)].long())
+            return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+
+    found = router_matches(HashRouter(), torch.randn(2, 3, 32), torch.randint(0, 96, (2, 3)))
+    refusals = [f for f in found if isinstance(f, Refusal)]
+    assert len(refusals) == 1 and "static [96, 2] token-id table" in refusals[0], found

@@ -19,7 +19,7 @@ from . import dispatch_einsum  # noqa: F401  (registers the gpt-fast pattern)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
 from .graph_utils import common_module, example_value, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
-from .routers import RouterMatch, match_router, router_candidates
+from .routers import Refusal, RouterMatch, match_router, router_candidates
 
 
 log = logging.getLogger("lynx_compile")
@@ -36,8 +36,8 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         found = match_router(topk)
         if isinstance(found, RouterMatch):
             routers.append((topk, found))
-        elif op_kind(topk) == "topk":  # other starting points (a max) are routers only when they match
-            unrecognised.append((topk, found))
+        elif op_kind(topk) == "topk" or isinstance(found, Refusal):  # other starting points (a max, a
+            unrecognised.append((topk, found))  # lookup) are routers only when a pattern recognises them
     inside_routers = set().union(*(r.nodes for _, r in routers)) if routers else set()
     for topk, reason in unrecognised:
         if topk not in inside_routers:  # e.g. DeepSeek's top-k over expert groups

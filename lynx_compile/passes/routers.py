@@ -12,6 +12,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch.fx import Node
 
 from ..selector import RouterRule
@@ -19,6 +20,7 @@ from .graph_utils import (
     arg,
     backward_region,
     cast_chain_end,
+    dtype,
     is_last_dim,
     is_param_source,
     module_path,
@@ -95,7 +97,7 @@ def match_router(topk: Node) -> RouterMatch | str:
         if isinstance(found, RouterMatch):
             return found
         if isinstance(found, Refusal):
-            return f"{name}: {found}"
+            return Refusal(f"{name}: {found}")
         reasons.append(f"{name}: {found}")
     return "; ".join(reasons)
 
@@ -589,3 +591,22 @@ def _cat_of(parts: list[Node]) -> Node | str:
     if len(users) != 1 or list(arg(users[0], 0, "tensors")) != parts or not is_last_dim(arg(users[0], 1, "dim"), 2):
         return "the two choices are not concatenated over the last dim"
     return users[0]
+
+
+@router_pattern("hash_routing", root="getitem")
+def hash_routing(lookup: Node) -> RouterMatch | str:
+    """DeepSeek-V4's hash-routed layers: ``ids = table[token_ids]`` (a static [vocab, k] table),
+    weights = the router's scores gathered there. Recognised only to say why it stays."""
+    table, index = (lookup.args + (None, None))[:2]
+    table_shape = shape(table)
+    if not (is_param_source(table) and table_shape is not None and len(table_shape) == 2
+            and dtype(table) in (torch.int32, torch.int64) and isinstance(index, Node)
+            and dtype(index) in (torch.int32, torch.int64)):
+        return "not a lookup in an integer [vocab, k] table"
+    ids = cast_chain_end(lookup)
+    if not any(op_kind(u) == "gather" and score_function(u.args[0]) is not None for u in ids.users):
+        return "the looked-up ids do not pick router scores"
+    vocab, k = table_shape
+    return Refusal(f"each token's {k} experts are read from a static [{vocab}, {k}] token-id table "
+                   "(table[token ids]), not ranked by scores: there is nothing for a batch-aware "
+                   "selection to rank")
