@@ -479,6 +479,8 @@ def logit_bias_topk(topk: Node) -> RouterMatch | str:
     logits, bias = biased
     if score_function(logits) is not None:
         return "the bias is added to scores, not to logits"
+    if isinstance(logits_source(logits), str):
+        return f"top-k input adds a bias to {op_kind(logits)}, not to router logits"
     if fill is not None and fill != float("-inf"):
         return f"a group limit that fills the other groups with {fill}, not -inf"
     outputs = topk_outputs(topk, need_values=False)
