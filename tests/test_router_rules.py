@@ -48,7 +48,8 @@ def mistral4_router(logits, top_k, num_group, topk_group, scale):
     scores = logits.softmax(-1)
     group_scores = scores.view(-1, num_group, num_experts // num_group).topk(2, dim=-1)[0].sum(dim=-1)
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
     score_mask = group_mask.unsqueeze(-1).expand(-1, num_group, num_experts // num_group).reshape(-1, num_experts)
     ids = torch.topk(scores.masked_fill(~score_mask.bool(), 0.0), k=top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, ids)
@@ -520,3 +521,13 @@ def test_hash_routed_layers_are_left_with_their_reason():
     found = router_matches(HashRouter(), torch.randn(2, 3, 32), torch.randint(0, 96, (2, 3)))
     refusals = [f for f in found if isinstance(f, Refusal)]
     assert len(refusals) == 1 and "static [96, 2] token-id table" in refusals[0], found
+
+
+def test_a_grouped_mistral4_router_is_matched_with_its_groups():
+    class Mistral4Router(KolibriRouter):
+        def forward(self, hidden):
+            return mistral4_router(F.linear(hidden.reshape(-1, 32), self.weight), TOP_K, 4, 2, 2.0)
+
+    found = router_matches(Mistral4Router(), torch.randn(2, 3, 32))  # (with the group top-ks)
+    (match,) = [m for m in found if isinstance(m, RouterMatch)]
+    assert (match.pattern, match.rule) == ("softmax_topk", RouterRule("softmax", True, False, 4, 2, "top2_sum", 2.0))
