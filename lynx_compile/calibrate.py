@@ -42,8 +42,8 @@ policies always have a feasible candidate; no (alpha, beta) reproduces plain top
 so for an infeasible lynx layer ``policy="off"`` is the honest alternative.
 
 What "mass" is, for every rule lynx matches. Each rule weighs expert ``j``'s output by a gate
-score ``g_j >= 0`` of the router; the selection bias of a sigmoid router only ranks, it weighs
-nothing, and a scaling factor multiplies every weight alike (it cancels in every metric here).
+score ``g_j >= 0`` of the router; a selection bias (on the scores or on the logits) only ranks,
+it weighs nothing, and a scaling factor multiplies every weight alike (it cancels in every metric here).
 
 - softmax routers, renormalised (Mixtral, Qwen3-MoE) or not (Qwen2-MoE, OLMoE): ``g`` is the
   softmax over all E experts; weights ``g_j / g(C)``, or ``g_j g(T) / g(C)`` (the plain top-k's
@@ -54,11 +54,14 @@ nothing, and a scaling factor multiplies every weight alike (it cancels in every
   the token's allowed groups (the selector keeps the group limit), so the ratio compares sets
   under the same limit;
 - sigmoid routers (DeepSeek-V3, grouped or not, with a selection bias or not): ``g`` is the
-  unbiased sigmoid score. These do not sum to 1 over the experts, but only the ratio
+  unbiased sigmoid score (DeepSeek-V4's sqrt-softplus routers: the unbiased sqrt-softplus
+  score). These do not sum to 1 over the experts, but only the ratio
   ``g(C) / g(T)`` is used, so no normalisation is needed. With a selection bias, ``T`` is the
   top-k of the *biased* score, not the set of most gate mass, so ``C`` can carry more mass than
   ``T`` and mass kept can exceed 1 (the bias trades gate mass for load balance; a re-routing may
   undo part of that trade). The bound is then still "lose at most this share of the plain mass".
+- sparsemixer (Phi-3.5-MoE): ``g`` is the softmax over all E, a proxy: its weights are softmaxes
+  over windows around each chosen expert, which the mass bound below does not model.
 
 Why mass kept is a label-free proxy for the change of the layer output. The block computes
 ``y = sum_j w_j f_j(x)`` over its chosen experts. Take the router's dense mixture as the
@@ -125,7 +128,7 @@ from .backend import lynx_backend
 from .capture import capture_routing
 from .options import NO_CLAMP
 from .policies import get_policy
-from .policies.rules import RouterRule, check_rule
+from .policies.rules import RouterRule, check_rule, score_values
 from .report import describe_rule, last_report
 from .selector import select_experts
 from .settings import derived_settings
@@ -387,7 +390,7 @@ def _plain_step(logits: torch.Tensor, router: _Router) -> _Step:
     # decode=False: the selector's plain top-k (its tie rule and group limit); the knob is unused
     weights, ids = select_experts(logits, router.top_k, policy="oea", k0=router.top_k, decode=False,
                                   **router.kwargs())
-    gates = torch.softmax(logits, dim=-1) if router.rule.scoring == "softmax" else torch.sigmoid(logits)
+    gates = score_values(logits, router.rule.scoring)
     chosen = torch.zeros_like(gates, dtype=torch.bool).scatter(-1, ids, True)
     dense = torch.zeros_like(gates).scatter_add(-1, ids, weights)
     return _Step(logits, gates, ids[:, :1], (gates * chosen).sum(dim=-1), dense, int(chosen.any(0).sum()))

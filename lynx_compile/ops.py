@@ -40,6 +40,8 @@ def select_experts_op(
     topk_groups: int,
     group_score: str,
     scaling_factor: float,
+    bias_on_logits: bool = False,
+    jitter_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing for one MoE layer: batch-aware in steps that re-route, plain top-k otherwise.
 
@@ -49,7 +51,8 @@ def select_experts_op(
     ``policy_args`` (``policies.Policy.encode``: its knobs, then the expert-parallel cap's rank
     count if any), then the router's rule (``RouterRule``).
     """
-    rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor)
+    rule = _rule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score, scaling_factor,
+                 bias_on_logits, jitter_eps)
     weights, ids, voters, live = _select(router_logits, score_bias, step_state, step_mask, top_k, seq_len,
                                          policy, policy_args, decode_only, rule)
     capture.record_routing(router_logits, seq_len, ids, weights, voters, live, rule, policy,

@@ -76,10 +76,12 @@ def _table(cols: list[str], rows: list[list]) -> list[str]:
 
 def describe_rule(rule, biased: bool) -> str:
     """A RouterRule in a few words, e.g. ``sigmoid+bias, 8 groups top 4 (top2_sum), renormalised, x2.5``."""
-    parts = [rule.scoring + ("+bias" if biased else "")]
+    parts = [rule.scoring + (("+logit bias" if rule.bias_on_logits else "+bias") if biased else "")]
     if rule.grouped:
         parts.append(f"{rule.num_groups} groups top {rule.topk_groups} ({rule.group_score})")
-    if rule.softmax_after_topk:
+    if rule.scoring == "sparsemixer":
+        parts.append(f"windows of {2 * rule.jitter_eps:g}")
+    elif rule.softmax_after_topk:
         parts.append("softmax over top-k")
     elif rule.renormalize:
         parts.append("renormalised")

@@ -112,6 +112,8 @@ def select_experts(
     topk_groups: int = 1,
     group_score: str = "max",
     scaling_factor: float = 1.0,
+    bias_on_logits: bool = False,
+    jitter_eps: float = 0.0,
     live: torch.Tensor | None = None,
     decode: bool | torch.Tensor = True,
     ep_ranks: int | None = None,
@@ -127,10 +129,19 @@ def select_experts(
             ``"oea"``: ``k0`` (every token keeps its top k0; the rest only from their union);
             ``"xshare"``: ``budget`` (the batch uses at most that many experts beyond its top-1s).
         renormalize, scoring, softmax_after_topk, score_bias, num_groups, topk_groups, group_score,
-        scaling_factor: the router's rule (``RouterRule``); the defaults are a softmax router.
+        scaling_factor, bias_on_logits, jitter_eps: the router's rule (``RouterRule``); the
+            defaults are a softmax router. ``scoring``: ``"softmax"``, ``"sigmoid"``,
+            ``"sqrtsoftplus"`` (``sqrt(softplus(logits))``, DeepSeek-V4) or ``"sparsemixer"``
+            (Phi-3.5-MoE, top_k=2: the best two logits, each weighed by a softmax over the experts
+            within ``2 * jitter_eps`` of it, relative; ``renormalize`` does not apply).
+            ``score_bias``: a selection-only bias ``[E]`` added to the scores before top-k (the
+            weights use the unbiased scores), or with ``bias_on_logits=True`` added to the logits.
             GPT-OSS: ``softmax_after_topk=True``. DeepSeek-V3: ``scoring="sigmoid",
             score_bias=e_score_correction_bias, num_groups=n_group, topk_groups=topk_group,
-            group_score="top2_sum", scaling_factor=routed_scaling_factor``.
+            group_score="top2_sum", scaling_factor=routed_scaling_factor``. ERNIE-4.5:
+            ``score_bias=e_score_correction_bias`` (softmax). Kolibri: ``scoring="sigmoid",
+            score_bias=e_score_correction_bias, bias_on_logits=True``. Phi-3.5-MoE:
+            ``scoring="sparsemixer", jitter_eps=router_jitter_noise``.
         live: bool ``[T]``: the rows that are live tokens (None: all). Other rows (padding,
             finished sequences) do not vote and do not count in the batch; they are routed
             inside the kept set.
@@ -154,7 +165,7 @@ def select_experts(
     knobs = chosen.check(given)
     chosen.check_against(knobs, top_k, router_logits.shape[1])
     rule = RouterRule(scoring, renormalize, softmax_after_topk, num_groups, topk_groups, group_score,
-                      scaling_factor)
+                      scaling_factor, bias_on_logits, jitter_eps)
     check_rule(rule, router_logits.shape[1], top_k, score_bias)
     check_ep_ranks(ep_ranks, router_logits.shape[1])
     weights, ids, _ = route(router_logits, score_bias, top_k, rule, policy, knobs, decode, live, ep_ranks)

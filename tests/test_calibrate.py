@@ -318,7 +318,7 @@ def test_bad_arguments_raise_naming_them():
     with pytest.raises(ValueError, match="contradicts its rule"):
         lynx_compile.calibrate({"a": steps}, top_k=4, renormalize=False, rule=RouterRule())
     with pytest.raises(ValueError, match="score_bias"):
-        lynx_compile.calibrate({"a": steps}, top_k=4, score_bias=torch.zeros(16))  # softmax: no bias
+        lynx_compile.calibrate({"a": steps}, top_k=4, score_bias=torch.zeros(15))  # one entry per expert
     with pytest.raises(ValueError, match="start_position=4 skips every position"):
         lynx_compile.calibrate(model, prompts, start_position=4)
     # "none" in the beta grid is no clamp, like None

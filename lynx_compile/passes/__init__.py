@@ -19,7 +19,7 @@ from . import dispatch_dense, dispatch_einsum, router_dense  # noqa: F401  (regi
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
 from .graph_utils import common_module, example_value, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
-from .routers import RouterMatch, match_router
+from .routers import Refusal, RouterMatch, match_router, router_candidates
 
 
 log = logging.getLogger("lynx_compile")
@@ -32,9 +32,12 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
     report = LynxReport(graph=graph_name)
     graph = gm.graph
     routers, unrecognised = [], []
-    for topk in [n for n in graph.nodes if op_kind(n) == "topk"]:
+    for topk in router_candidates(graph.nodes):
         found = match_router(topk)
-        (routers if isinstance(found, RouterMatch) else unrecognised).append((topk, found))
+        if isinstance(found, RouterMatch):
+            routers.append((topk, found))
+        elif op_kind(topk) == "topk" or isinstance(found, Refusal):  # other starting points (a max, a
+            unrecognised.append((topk, found))  # lookup) are routers only when a pattern recognises them
     inside_routers = set().union(*(r.nodes for _, r in routers)) if routers else set()
     for topk, reason in unrecognised:
         if topk not in inside_routers:  # e.g. DeepSeek's top-k over expert groups

@@ -154,7 +154,8 @@ def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: d
             (match.logits, match.score_bias, state, mask, match.top_k, seq_len, policy.name,
              policy.encode(knobs, ep_ranks),
              decode_only, rule.scoring, rule.renormalize, rule.softmax_after_topk, rule.num_groups,
-             rule.topk_groups, rule.group_score, rule.scaling_factor),
+             rule.topk_groups, rule.group_score, rule.scaling_factor, rule.bias_on_logits,
+             rule.jitter_eps),
             like=match.topk,
         )
         weights = _call(graph, operator.getitem, (select, 0), like=match.topk)

@@ -12,6 +12,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch.fx import Node
 
 from ..selector import RouterRule
@@ -19,7 +20,9 @@ from .graph_utils import (
     arg,
     backward_region,
     cast_chain_end,
+    dtype,
     is_last_dim,
+    is_param_source,
     module_path,
     module_stack,
     mutates,
@@ -50,14 +53,24 @@ class RouterMatch:
 
 RouterPattern = Callable[[Node], "RouterMatch | str"]
 ROUTER_PATTERNS: dict[str, RouterPattern] = {}
+PATTERN_ROOTS: dict[str, str] = {}  # pattern -> the op kind it starts from
 
 
-def router_pattern(name: str):
+def router_pattern(name: str, root: str = "topk"):
+    """Register a pattern that starts from nodes of kind ``root`` (a router's final top-k; a
+    router without one names the node it starts from, e.g. sparsemixer's first max)."""
     def register(fn: RouterPattern) -> RouterPattern:
         ROUTER_PATTERNS[name] = fn
+        PATTERN_ROOTS[name] = root
         return fn
 
     return register
+
+
+def router_candidates(nodes) -> list[Node]:
+    """The nodes some pattern starts from, in graph order."""
+    roots = set(PATTERN_ROOTS.values())
+    return [n for n in nodes if op_kind(n) in roots]
 
 
 def guarded(pattern, *args):
@@ -74,14 +87,17 @@ class Refusal(str):
 
 
 def match_router(topk: Node) -> RouterMatch | str:
-    """The first pattern that matches, or the reasons none did."""
+    """The first pattern that matches, or the reasons none did (of the patterns that start
+    from this kind of node)."""
     reasons = []
     for name, pattern in ROUTER_PATTERNS.items():
+        if PATTERN_ROOTS[name] != op_kind(topk):
+            continue
         found = guarded(pattern, topk)
         if isinstance(found, RouterMatch):
             return found
         if isinstance(found, Refusal):
-            return f"{name}: {found}"
+            return Refusal(f"{name}: {found}")
         reasons.append(f"{name}: {found}")
     return "; ".join(reasons)
 
@@ -141,25 +157,98 @@ def _view_family(root: Node) -> set[Node]:
 
 
 def logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
-    """The layer input behind router logits computed by a linear layer."""
-    linear = strip(logits)
-    if op_kind(linear) != "linear":
-        return f"router scores come from {op_kind(linear)}, not a linear layer"
-    found = layer_input(arg(linear, 0, "input"))
+    """The layer input behind router logits computed by a linear layer, possibly transformed
+    elementwise after it (``logit_transform_input``: a multiplier, a tanh softcap, casts)."""
+    linear = logits
+    while op_kind(linear) != "linear":
+        before = logit_transform_input(linear)
+        if before is None:
+            return f"router scores come from {op_kind(linear)}, not a linear layer"
+        linear = before
+    found = layer_input(normalised_input(arg(linear, 0, "input")))
     if found is None:
         return "the router does not read a [tokens, hidden] view of the layer input"
     return found
+
+
+def logit_transform_input(node: Node) -> Node | None:
+    """The logits an elementwise transform of router logits reads: a cast, ``x * c``, ``c * x``,
+    ``x / c`` with a constant ``c`` (MuseSpark's output multiplier; a softcap's scaling), or
+    ``tanh(x)`` (Laguna's softcap ``tanh(L / c) * c``); None for anything else. The selector reads
+    the transformed logits, so the transform itself needs no rule: this only finds the linear."""
+    kind = op_kind(node)
+    if kind == "cast" or (kind in ("fn:tanh", "method:tanh") and len(node.args) == 1 and not node.kwargs):
+        return node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if kind in ("mul", "div") and len(node.args) == 2 and not node.kwargs:
+        left, right = node.args
+        if isinstance(left, Node) and _const(right) is not None:
+            return left
+        if kind == "mul" and isinstance(right, Node) and _const(left) is not None:
+            return right
+    return None
+
+
+def normalised_input(node: Node) -> Node:
+    """The tensor a router's input normalises, or ``node`` itself: Gemma-4's router reads
+    ``rms_norm(x) * scale * hidden ** -0.5`` of the layer input ``x`` (an RMSNorm without its own
+    weight, a per-channel weight, a constant). Only the layer input's shape is needed (the shape
+    rule), so the normalisation stays in the graph as it is."""
+    current = node
+    while isinstance(current, Node):
+        if op_kind(current) == "cast":
+            current = current.args[0]
+            continue
+        if op_kind(current) != "mul" or len(current.args) != 2:
+            break
+        left, right = current.args
+        if isinstance(left, Node) and (_const(right) is not None or is_param_source(right)):
+            current = left
+        elif _is_rms_factor(right, left):
+            return left
+        else:
+            break
+    return node
+
+
+def _is_rms_factor(factor: object, x: Node) -> bool:
+    """``(x ** 2).mean(-1, keepdim=True) + eps`` to the power -0.5 (or its rsqrt)."""
+    kind = op_kind(factor) if isinstance(factor, Node) else None
+    if kind in ("fn:pow", "method:pow") and arg(factor, 1, "exponent") == -0.5:
+        base = factor.args[0]
+    elif kind in ("fn:rsqrt", "method:rsqrt"):
+        base = factor.args[0]
+    else:
+        return False
+    if op_kind(base) == "add" and _const(base.args[1]) is not None:
+        base = base.args[0]
+    if op_kind(base) not in ("method:mean", "fn:mean") or not is_last_dim(arg(base, 1, "dim"), 2):
+        return False
+    squared = base.args[0]
+    return (op_kind(squared) in ("fn:pow", "method:pow") and squared.args[0] is x
+            and arg(squared, 1, "exponent") == 2)
 
 
 def _const(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _tiny_epsilon(node: Node) -> float | None:
+    """The epsilon of ``total + eps`` or ``total.clamp(min=eps)`` when it is at most 1e-6
+    (it changes the renormalised weights only for a sum below it), else None."""
+    if op_kind(node) == "add":
+        eps = _const(node.args[1]) if len(node.args) == 2 else None
+    else:
+        extra = {k for k in node.kwargs if k != "min"} | ({"max"} if len(node.args) > 2 else set())
+        eps = None if extra else _const(arg(node, 1, "min"))
+    return eps if eps is not None and 0 <= eps <= 1e-6 else None
+
+
 def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
     """Renormalisation and scaling applied to top-k weights.
 
-    Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` in the denominator,
-    in place or not) and then ``w * constant``. Returns (final node, renormalised, scale).
+    Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` or ``.clamp(min=eps)`` in
+    the denominator (ERNIE-4.5's ``norm_min``), in place or not) and then ``w * constant``.
+    Returns (final node, renormalised, scale).
     """
     node, renormalize, scale = cast_chain_end(weights), False, 1.0
     users = list(node.users)
@@ -168,12 +257,11 @@ def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
         total = sums[0]
         if not is_last_dim(arg(total, 1, "dim"), 2) or not arg(total, 2, "keepdim", False):
             return "top-k weights are summed over something other than the experts dim"
-        denominator, eps_node = total, None
-        if len(total.users) == 1 and op_kind(next(iter(total.users))) == "add":
-            eps_node = next(iter(total.users))
-            if _const(eps_node.args[1]) is None or _const(eps_node.args[1]) > 1e-6:
+        denominator = total
+        if len(total.users) == 1 and op_kind(next(iter(total.users))) in ("add", "clamp"):
+            denominator = next(iter(total.users))
+            if _tiny_epsilon(denominator) is None:
                 return "the renormalisation denominator adds something other than a tiny epsilon"
-            denominator = eps_node
         divs = [u for u in users if op_kind(u) == "div" and u.args[0] is node and u.args[1] is denominator]
         if len(users) != 2 or len(divs) != 1:
             return "top-k weights are used beside their renormalisation"
@@ -222,18 +310,52 @@ def match_group_mask(masked: Node) -> tuple[Node, int, int, str, Node] | str:
     return scores, grouped_shape[1], topk_groups, rule, masked
 
 
-def group_limit(choice: Node, fill: float) -> tuple[Node, tuple[int, int, str]] | str:
-    """The scores under an optional DeepSeek group limit whose other groups are set to
-    ``fill``, and (num_groups, topk_groups, group score rule); (1, 1, "max") without one."""
+def group_limit(choice: Node) -> tuple[Node, tuple[int, int, str], float | None] | str:
+    """The scores under an optional DeepSeek group limit, (num_groups, topk_groups, group score
+    rule) and the value the other groups are set to; (1, 1, "max") and None without one."""
     if op_kind(choice) != "masked_fill":
-        return choice, (1, 1, "max")
+        return choice, (1, 1, "max"), None
     found = match_group_mask(choice)
     if isinstance(found, str):
         return found
     scores, num_groups, topk_groups, group_score, masked = found
-    if arg(masked, 2, "value") != fill:
-        return f"a group limit that fills the other groups with {arg(masked, 2, 'value')}, not {fill}"
-    return scores, (num_groups, topk_groups, group_score)
+    return scores, (num_groups, topk_groups, group_score), arg(masked, 2, "value")
+
+
+def score_function(node: object) -> tuple[str, Node] | None:
+    """``(scoring, logits)`` of a router's score function over the experts: softmax, sigmoid or
+    ``sqrt(softplus(L))`` (DeepSeek-V4); None for anything else."""
+    kind = op_kind(node) if isinstance(node, Node) else None
+    if kind == "softmax" and is_last_dim(arg(node, 1, "dim"), 2):
+        return "softmax", arg(node, 0, "input")
+    if kind == "sigmoid" and len(node.args) == 1:
+        return "sigmoid", node.args[0]
+    if kind in ("fn:sqrt", "method:sqrt") and len(node.args) == 1:
+        inner = node.args[0]
+        default_softplus = arg(inner, 1, "beta", 1) == 1 and arg(inner, 2, "threshold", 20) == 20
+        if op_kind(inner) in ("fn:softplus", "method:softplus") and default_softplus:
+            return "sqrtsoftplus", inner.args[0]
+    return None
+
+
+def selection_bias(choice: Node, num_experts: int) -> tuple[Node, Node] | None:
+    """``(x, bias)`` of ``x + bias`` where ``bias`` is a per-expert buffer (a cast or view of a
+    parameter or buffer of ``num_experts`` entries, e.g. ERNIE's ``bias.squeeze()``)."""
+    if op_kind(choice) != "add" or len(choice.args) != 2 or choice.kwargs:
+        return None
+    for x, bias in (choice.args, choice.args[::-1]):
+        if (isinstance(x, Node) and isinstance(bias, Node) and is_param_source(strip(bias, {"cast", "view"}))
+                and shape(bias) == (num_experts,)):
+            return x, bias
+    return None
+
+
+def _fill_fits(fill: float | None, biased: bool) -> str | None:
+    """Why a group limit's fill value can change the choice, or None. Filling the other groups
+    with 0 leaves them last only under unbiased (positive) scores."""
+    if fill is None or fill == float("-inf") or (fill == 0.0 and not biased):
+        return None
+    return f"a group limit that fills the other groups with {fill}, not -inf" + ("" if biased else " or 0")
 
 
 def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) -> RouterMatch | str:
@@ -257,31 +379,13 @@ def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) ->
 
 @router_pattern("softmax_topk")
 def softmax_topk(topk: Node) -> RouterMatch | str:
-    """softmax -> [group limit] -> top-k -> [renormalise] -> [scale].
+    """softmax -> [+ selection bias] -> [group limit] -> top-k -> top-k values or the unbiased
+    probabilities gathered at the chosen experts -> [renormalise] -> [scale].
 
-    Mixtral, Qwen2/3-MoE, OLMoE (renormalised or not), DeepSeek-V2 (greedy or group-limited).
+    Mixtral, Qwen2/3-MoE, OLMoE (renormalised or not), DeepSeek-V2 (greedy or group-limited),
+    Mistral-4 (group-limited, gathered), ERNIE-4.5 (a bias on the probabilities).
     """
-    parsed = topk_args(topk)
-    if isinstance(parsed, str):
-        return parsed
-    limited = group_limit(parsed[0], fill=0.0)
-    if isinstance(limited, str):
-        return limited
-    (probs, group), k = limited, parsed[1]
-    if op_kind(probs) != "softmax":
-        return f"top-k input is {op_kind(probs)}, not a softmax"
-    if not is_last_dim(arg(probs, 1, "dim"), 2):
-        return "softmax is not over the experts dim"
-    outputs = topk_outputs(topk, need_values=True)
-    if isinstance(outputs, str):
-        return outputs
-    values, ids = outputs
-    transformed = weight_transforms(values)
-    if isinstance(transformed, str):
-        return transformed
-    weights, renormalize, scale = transformed
-    rule = RouterRule("softmax", renormalize, False, *group, scale)
-    return _build("softmax_topk", topk, arg(probs, 0, "input"), weights, ids, k, rule)
+    return scored_topk(topk, "softmax_topk", ("softmax",))
 
 
 @router_pattern("topk_softmax")
@@ -308,31 +412,39 @@ def topk_softmax(topk: Node) -> RouterMatch | str:
 
 @router_pattern("sigmoid_topk")
 def sigmoid_topk(topk: Node) -> RouterMatch | str:
-    """sigmoid -> [+ selection bias] -> [group limit] -> top-k -> gather the unbiased
-    scores -> [renormalise] -> [scale] (DeepSeek-V3, GLM-4.5 and other sigmoid routers)."""
+    """sigmoid or sqrt-softplus -> [+ selection bias] -> [group limit] -> top-k -> gather the
+    unbiased scores -> [renormalise] -> [scale] (DeepSeek-V3/V4, GLM-4.5 and other sigmoid routers)."""
+    return scored_topk(topk, "sigmoid_topk", ("sigmoid", "sqrtsoftplus"))
+
+
+def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMatch | str:
+    """A router that scores the experts, ranks by the scores (plus a selection bias) and weighs
+    by the unbiased scores of the chosen experts."""
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
-    limited = group_limit(parsed[0], fill=float("-inf"))
+    limited = group_limit(parsed[0])
     if isinstance(limited, str):
         return limited
-    (choice, group), k = limited, parsed[1]
-    bias = None
-    if op_kind(choice) == "add":
-        scores, bias = choice.args
-        if not isinstance(bias, Node) or bias.op not in ("placeholder", "get_attr") or shape(bias) != (shape(scores)[1],):
+    (choice, group, fill), k = limited, parsed[1]
+    biased = selection_bias(choice, shape(parsed[0])[1])
+    scores, bias = biased or (choice, None)
+    found = score_function(scores)
+    if found is None or found[0] not in scorings:
+        if op_kind(choice) == "add" and biased is None and score_function(choice.args[0]) is not None:
             return "the selection scores add something other than a per-expert bias buffer"
-    else:
-        scores = choice
-    if op_kind(scores) != "sigmoid":
-        return f"top-k input is {op_kind(scores)}, not sigmoid scores"
+        return f"top-k input is {op_kind(scores)}, not {' or '.join(scorings)} scores"
+    scoring, logits = found
+    misfit = _fill_fits(fill, bias is not None)
+    if misfit:
+        return misfit
     outputs = topk_outputs(topk, need_values=False)
     if isinstance(outputs, str):
         return outputs
     values, ids = outputs
     if values is not None and bias is not None:
         return "top-k values of biased scores are used as weights"
-    if values is not None:  # no bias: the top-k values are the chosen scores
+    if values is not None:  # no bias: the top-k values are the chosen scores (inside the allowed groups)
         chosen = values
     else:
         gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] is scores]
@@ -343,5 +455,157 @@ def sigmoid_topk(topk: Node) -> RouterMatch | str:
     if isinstance(transformed, str):
         return transformed
     weights, renormalize, scale = transformed
-    rule = RouterRule("sigmoid", renormalize, False, *group, scale)
-    return _build("sigmoid_topk", topk, scores.args[0], weights, ids, k, rule, score_bias=bias)
+    rule = RouterRule(scoring, renormalize, False, *group, scale)
+    return _build(pattern, topk, logits, weights, ids, k, rule, score_bias=bias)
+
+
+@router_pattern("logit_bias_topk")
+def logit_bias_topk(topk: Node) -> RouterMatch | str:
+    """top-k of ``logits + selection bias`` -> score the unbiased logits of the chosen experts
+    (``sigmoid(L.gather(ids))`` or ``score(L).gather(ids)``) -> [renormalise] -> [scale] (Kolibri)."""
+    parsed = topk_args(topk)
+    if isinstance(parsed, str):
+        return parsed
+    limited = group_limit(parsed[0])
+    if isinstance(limited, str):
+        return limited
+    (choice, group, fill), k = limited, parsed[1]
+    biased = selection_bias(choice, shape(parsed[0])[1])
+    if biased is None:
+        return "top-k input is not logits plus a per-expert bias"
+    logits, bias = biased
+    if score_function(logits) is not None:
+        return "the bias is added to scores, not to logits"
+    if isinstance(logits_source(logits), str):
+        return f"top-k input adds a bias to {op_kind(logits)}, not to router logits"
+    if fill is not None and fill != float("-inf"):
+        return f"a group limit that fills the other groups with {fill}, not -inf"
+    outputs = topk_outputs(topk, need_values=False)
+    if isinstance(outputs, str):
+        return outputs
+    values, ids = outputs
+    if values is not None:
+        return "top-k values of biased logits are used as weights"
+    chosen = _scored_gather(logits, ids)
+    if isinstance(chosen, str):
+        return chosen
+    scoring, scored = chosen
+    transformed = weight_transforms(scored)
+    if isinstance(transformed, str):
+        return transformed
+    weights, renormalize, scale = transformed
+    rule = RouterRule(scoring, renormalize, False, *group, scale, bias_on_logits=True)
+    return _build("logit_bias_topk", topk, logits, weights, ids, k, rule, score_bias=bias)
+
+
+def _scored_gather(logits: Node, ids: Node) -> tuple[str, Node] | str:
+    """(scoring, node) of the chosen experts' scores: ``score(L.gather(ids))`` with sigmoid or
+    sqrt-softplus (a softmax over the chosen logits alone would be GPT-OSS's rule, which has no
+    bias), or ``score(L).gather(ids)``."""
+    gathers = [u for u in ids.users if op_kind(u) == "gather" and is_last_dim(arg(u, 1, "dim"), 2)]
+    if len(gathers) != 1:
+        return "the weights are not the router's scores gathered at the chosen experts"
+    gather = gathers[0]
+    if gather.args[0] is logits and len(gather.users) == 1:
+        found = score_function(next(iter(gather.users)))
+        if found is not None and found[0] != "softmax" and found[1] is gather:
+            return found[0], next(iter(gather.users))
+    found = score_function(gather.args[0])
+    if found is not None and found[1] is logits:
+        return found[0], gather
+    return "the weights are not the scores of the chosen experts' unbiased logits"
+
+
+@router_pattern("sparsemixer", root="method:max")
+def sparsemixer(first_max: Node) -> RouterMatch | str:
+    """Phi-3.5-MoE's sparsemixer at inference: the best logit (``max``), then the best of the rest
+    (``scatter`` -inf, ``max``); each weight a softmax over the logits within ``2 * jitter_eps``
+    (relative) of the chosen one; ``cat`` of the two. ``first_max`` is the first max."""
+    logits = first_max.args[0] if first_max.args else None
+    if (not isinstance(logits, Node) or shape(logits) is None or len(shape(logits)) != 2
+            or not is_last_dim(arg(first_max, 1, "dim"), 2) or not arg(first_max, 2, "keepdim", False)):
+        return "not a max over the experts of [tokens, experts] logits"
+    first = _max_outputs(first_max)
+    if isinstance(first, str):
+        return first
+    threshold, first_id = first
+    masked = [u for u in first_id.users if op_kind(u) == "fn:scatter" and u.args[0] is logits]
+    if len(masked) != 1 or tuple(masked[0].args[1:]) != (-1, first_id, float("-inf")):
+        return "the first choice is not removed by scatter(logits, -1, ids, -inf)"
+    second_maxes = [u for u in masked[0].users if op_kind(u) == "method:max"]
+    second = _max_outputs(second_maxes[0]) if len(second_maxes) == 1 else "no max over the rest"
+    if isinstance(second, str):
+        return second
+    eps = set()
+    weights = []
+    for scores, (bound, chosen) in ((logits, first), (masked[0], second)):
+        found = _window_weight(logits, scores, bound, chosen)
+        if isinstance(found, str):
+            return found
+        eps.add(found[0])
+        weights.append(found[1])
+    if len(eps) != 1:
+        return "the two windows differ"
+    cats = [_cat_of(weights), _cat_of([first_id, second[1]])]
+    if any(isinstance(c, str) for c in cats):
+        return next(c for c in cats if isinstance(c, str))
+    rule = RouterRule("sparsemixer", False, jitter_eps=eps.pop() / 2)
+    return _build("sparsemixer", first_max, logits, cats[0], cats[1], 2, rule)
+
+
+def _max_outputs(node: Node) -> tuple[Node, Node] | str:
+    outs = tuple_outputs(node)
+    if not is_last_dim(arg(node, 1, "dim"), 2) or not arg(node, 2, "keepdim", False) or set(outs) != {0, 1}:
+        return "a max whose values and indices are not both used"
+    return outs[0], outs[1]
+
+
+def _window_weight(logits: Node, scores: Node, bound: Node, chosen: Node) -> tuple[float, Node] | str:
+    """``softmax(scores.masked_fill((bound - logits) / logits.abs().clamp(min=bound) > c, -inf))
+    .gather(-1, chosen)``: (c, the gathered weight)."""
+    fills = [u for u in scores.users if op_kind(u) == "masked_fill" and u.args[0] is scores
+             and arg(u, 2, "value") == float("-inf")]
+    for fill in fills:
+        test = arg(fill, 1, "mask")
+        if op_kind(test) != "fn:gt" or _const(test.args[1]) is None:
+            continue
+        ratio = test.args[0]
+        if op_kind(ratio) != "div" or op_kind(ratio.args[0]) != "sub" or op_kind(ratio.args[1]) != "clamp":
+            continue
+        difference, factor = ratio.args
+        magnitude = factor.args[0]
+        if (difference.args != (bound, logits) or op_kind(magnitude) != "method:abs" or magnitude.args[0] is not logits
+                or arg(factor, 1, "min") is not bound or arg(factor, 2, "max") is not None):
+            continue
+        probs = [u for u in fill.users if op_kind(u) == "softmax" and is_last_dim(arg(u, 1, "dim"), 2)]
+        gathers = [u for p in probs for u in p.users if op_kind(u) == "gather"]
+        if len(probs) == 1 and len(gathers) == 1 and arg(gathers[0], 2, "index") is chosen \
+                and is_last_dim(arg(gathers[0], 1, "dim"), 2):
+            return _const(test.args[1]), gathers[0]
+    return "a sparsemixer weight is not a softmax over a relative window around the chosen logit"
+
+
+def _cat_of(parts: list[Node]) -> Node | str:
+    users = [u for u in parts[0].users if op_kind(u) == "fn:concat" or op_kind(u) == "fn:cat"]
+    if len(users) != 1 or list(arg(users[0], 0, "tensors")) != parts or not is_last_dim(arg(users[0], 1, "dim"), 2):
+        return "the two choices are not concatenated over the last dim"
+    return users[0]
+
+
+@router_pattern("hash_routing", root="getitem")
+def hash_routing(lookup: Node) -> RouterMatch | str:
+    """DeepSeek-V4's hash-routed layers: ``ids = table[token_ids]`` (a static [vocab, k] table),
+    weights = the router's scores gathered there. Recognised only to say why it stays."""
+    table, index = (lookup.args + (None, None))[:2]
+    table_shape = shape(table)
+    if not (is_param_source(table) and table_shape is not None and len(table_shape) == 2
+            and dtype(table) in (torch.int32, torch.int64) and isinstance(index, Node)
+            and dtype(index) in (torch.int32, torch.int64)):
+        return "not a lookup in an integer [vocab, k] table"
+    ids = cast_chain_end(lookup)
+    if not any(op_kind(u) == "gather" and score_function(u.args[0]) is not None for u in ids.users):
+        return "the looked-up ids do not pick router scores"
+    vocab, k = table_shape
+    return Refusal(f"each token's {k} experts are read from a static [{vocab}, {k}] token-id table "
+                   "(table[token ids]), not ranked by scores: there is nothing for a batch-aware "
+                   "selection to rank")

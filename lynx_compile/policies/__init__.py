@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import affinity_binning, oea, xshare
+from .rules import score_values
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -116,7 +117,7 @@ def _oea_kept(logits, rank, affinity, voters, top_k, rule, *, k0):
 
 
 def _xshare_kept(logits, rank, affinity, voters, top_k, rule, *, budget):
-    gates = torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits)
+    gates = score_values(logits, rule.scoring)
     return xshare.kept_experts(rank, torch.where(rank > float("-inf"), gates, 0.0), voters, budget)
 
 

@@ -1,8 +1,9 @@
 """Router rules shared by every selection policy: scores, group limits, exact orderings, weights.
 
-A ``RouterRule`` says how a router turns logits into (weights, ids): softmax or sigmoid scores,
-renormalised or not, softmax over the chosen k (GPT-OSS), a selection-only score bias and
-group-limited top-k (DeepSeek), a scaling factor. A policy decides only *which experts the batch
+A ``RouterRule`` says how a router turns logits into (weights, ids): softmax, sigmoid or
+sqrt-softplus scores, renormalised or not, softmax over the chosen k (GPT-OSS), a selection-only
+bias added to the scores (DeepSeek-V3, ERNIE-4.5) or to the logits (Kolibri), group-limited
+top-k (DeepSeek), a scaling factor. A policy decides only *which experts the batch
 keeps*; every token then takes its best experts inside that set (``finish``) and is weighed by
 the router's own formula (``rule_weights``, ALGORITHM.md step 7).
 
@@ -21,31 +22,35 @@ from dataclasses import dataclass
 
 import torch
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 _EPS = float(torch.finfo(torch.float32).eps)
+_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 @dataclass(frozen=True)
 class RouterRule:
     """How a router turns logits into (weights, ids). The default is Mixtral's."""
 
-    scoring: str = "softmax"  # "softmax" | "sigmoid"
+    scoring: str = "softmax"  # | "sigmoid" | "sqrtsoftplus" (DeepSeek-V4) | "sparsemixer" (Phi-3.5-MoE)
     renormalize: bool = True  # chosen weights sum to 1
     softmax_after_topk: bool = False  # GPT-OSS: top-k of the logits, softmax over those k
     num_groups: int = 1  # group-limited top-k (DeepSeek): experts in num_groups groups...
     topk_groups: int = 1  # ...of which each token may use the topk_groups best
     group_score: str = "max"  # a group's score: its best expert (V2) or its best two summed (V3)
     scaling_factor: float = 1.0  # DeepSeek's routed_scaling_factor
+    bias_on_logits: bool = False  # the selection bias is added to the logits (Kolibri), not the scores
+    jitter_eps: float = 0.0  # sparsemixer (Phi-3.5-MoE): each weight is a softmax over a 2 * eps window
 
     def __post_init__(self):
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
-        if not isinstance(self.renormalize, bool) or not isinstance(self.softmax_after_topk, bool):
-            raise ValueError(f"renormalize and softmax_after_topk must be bools, got "
-                             f"{self.renormalize!r}, {self.softmax_after_topk!r}")
+        flags = (self.renormalize, self.softmax_after_topk, self.bias_on_logits)
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError(f"renormalize, softmax_after_topk and bias_on_logits must be bools, got "
+                             f"{self.renormalize!r}, {self.softmax_after_topk!r}, {self.bias_on_logits!r}")
         if self.softmax_after_topk and (self.scoring != "softmax" or self.num_groups != 1):
             raise ValueError("softmax_after_topk applies to ungrouped softmax routers only")
         for name in ("num_groups", "topk_groups"):
@@ -54,6 +59,13 @@ class RouterRule:
                 raise ValueError(f"{name} must be an int, got {value!r}")
         if not 1 <= self.topk_groups <= self.num_groups:
             raise ValueError(f"need 1 <= topk_groups <= num_groups, got {self.topk_groups}, {self.num_groups}")
+        eps = self.jitter_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+            raise ValueError(f"jitter_eps must be a finite number >= 0, got {eps!r}")
+        if eps and self.scoring != "sparsemixer":
+            raise ValueError("jitter_eps applies to scoring='sparsemixer' only")
+        if self.scoring == "sparsemixer" and (self.grouped or self.softmax_after_topk):
+            raise ValueError("scoring='sparsemixer' has no group limit and no softmax after top-k")
         scale = self.scaling_factor
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
             raise ValueError(f"scaling_factor must be a finite number > 0, got {scale!r}")
@@ -74,9 +86,14 @@ def check_rule(rule: RouterRule, num_experts: int, top_k: int, score_bias) -> No
                              f"({num_experts} experts in {rule.num_groups} groups)")
         if top_k > rule.topk_groups * per_group:
             raise ValueError(f"top_k={top_k} exceeds the experts of topk_groups={rule.topk_groups} groups")
+    if rule.scoring == "sparsemixer" and top_k != 2:
+        raise ValueError(f"scoring='sparsemixer' chooses top_k=2 experts, got top_k={top_k}")
+    if score_bias is None and rule.bias_on_logits:
+        raise ValueError("bias_on_logits=True needs a score_bias")
     if score_bias is not None:
-        if rule.scoring != "sigmoid":
-            raise ValueError("score_bias (a selection-only bias) is supported for sigmoid routers")
+        if rule.softmax_after_topk or rule.scoring == "sparsemixer":
+            raise ValueError("score_bias (a selection-only bias) is not supported with softmax_after_topk "
+                             "or scoring='sparsemixer'")
         if tuple(score_bias.shape) != (num_experts,):
             raise ValueError(f"score_bias must have shape [{num_experts}], got {tuple(score_bias.shape)}")
 
@@ -96,37 +113,75 @@ def group_mask(group_source: torch.Tensor, rule: RouterRule) -> torch.Tensor:
     return mask.unsqueeze(-1).expand(-1, -1, num_experts // rule.num_groups).reshape(num_tokens, num_experts)
 
 
+def score_values(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The router's scores of every expert: what its weights are made of (sparsemixer's are
+    windowed softmaxes, ``sparsemixer_weights``; its dense gate is the softmax)."""
+    if scoring in ("softmax", "sparsemixer"):
+        return torch.softmax(logits, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.sqrt(torch.nn.functional.softplus(logits))
+
+
+def _score_to_logit(scores: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The score function's inverse: the logit (for softmax: the log-probability) a score has.
+    Scores at 0 or below (or at 1 and above for sigmoid) are clamped: they land in the deepest bin."""
+    if scoring == "softmax":
+        return torch.log(scores.clamp(min=_TINY))
+    if scoring == "sigmoid":
+        return torch.logit(scores.clamp(_EPS, 1 - _EPS))
+    # s = sqrt(softplus(L)): L = softplus^-1(s^2) = y + log(1 - exp(-y)) with y = s^2 (no overflow)
+    squared = (scores.clamp(min=0) ** 2).clamp(min=_TINY)
+    return squared + torch.log(-torch.expm1(-squared))
+
+
 def router_scores(logits: torch.Tensor, rule: RouterRule, score_bias: torch.Tensor | None):
     """What the router ranks experts by, and the same on a logit scale for binning.
 
     Returns ``(rank, affinity)``, fp32 [T, E], both -inf outside a token's allowed groups; per
-    token both order the experts alike.
+    token both order the experts alike. Only an expert's gap to the token's best affinity
+    matters (bins are ``1 / alpha`` of it), so any per-token constant may be added to it.
 
-    Sigmoid routers with a selection bias rank by ``s = sigmoid(L) + b``. Any per-token constant
-    added to ``s`` leaves that ranking unchanged, and so must leave the bins unchanged. We use
-    the shift that gives the token's best-ranked expert ``e*`` its own unbiased probability:
-    ``affinity = logit(sigmoid(L) + b - b[e*])``. The best expert's affinity is then its router
-    logit, as without a bias, and every other expert sits below it by how far its biased score
-    falls short, on the same logit scale. (``logit(sigmoid(L) + b)`` instead saturates: experts
-    whose biased score reaches 1 all land in bin 0, and a constant bias shift changes the
-    choice.) Scores that fall to 0 or below land in the deepest bin.
+    Without a bias the affinity is the logits: a softmax (and sparsemixer, which picks its
+    experts by the logits' maxima) ranks by them (the probabilities' order); sigmoid and
+    sqrt-softplus are increasing functions of them.
+
+    A bias on the logits (Kolibri: rank by ``L + b``) keeps the ranking on the logit scale:
+    ``affinity = L + b``.
+
+    A bias on the scores ranks by ``s = score(L) + b``. Any per-token constant added to ``s``
+    leaves that ranking unchanged, and so must leave the bins unchanged. We use the shift that
+    gives the token's best-ranked expert ``e*`` its own unbiased score and map the shifted
+    scores back through the score function's inverse: ``affinity = score^-1(score(L) + b -
+    b[e*])``. The best expert's affinity is then its router logit, as without a bias, and every
+    other expert sits below it by how far its biased score falls short, on the same logit scale.
+    The inverse is ``logit`` for sigmoid (DeepSeek-V3), ``log`` for softmax (ERNIE-4.5: the
+    log-probability, whose gaps are the logits' gaps without a bias) and ``softplus^-1(s^2)``
+    for sqrt-softplus (DeepSeek-V4); each is increasing, so the affinity orders experts as the
+    biased score does, and a bin is ``1 / alpha`` logits wide under every score function (binning
+    the scores themselves would not be: sqrt-softplus compresses large logits, ``s ~ sqrt(L)``,
+    and sigmoid saturates). (``logit(sigmoid(L) + b)`` instead saturates: experts whose biased
+    score reaches 1 all land in bin 0, and a constant bias shift changes the choice.) Scores
+    that fall to 0 or below land in the deepest bin.
     """
-    if rule.scoring == "softmax":
-        rank = logits
-        if rule.grouped:  # DeepSeek-V2 groups by the best probability (same order as the logits)
-            rank = logits.masked_fill(~group_mask(logits, rule), float("-inf"))
-        return rank, rank
-    scores = torch.sigmoid(logits)
+    scores = None
     if score_bias is None:
-        rank, affinity = scores, logits
+        rank = affinity = logits
+        if rule.scoring in ("sigmoid", "sqrtsoftplus"):
+            scores = rank = score_values(logits, rule.scoring)
+    elif rule.bias_on_logits:
+        rank = affinity = logits + score_bias
     else:
+        scores = score_values(logits, rule.scoring)
         rank = scores + score_bias
-    if rule.grouped:
-        allowed = group_mask(rank, rule)
+    if rule.grouped:  # groups are scored as the router scores them (probabilities for softmax)
+        unbiased_softmax = rule.scoring == "softmax" and score_bias is None
+        group_source = score_values(logits, "softmax") if unbiased_softmax else rank
+        allowed = group_mask(group_source, rule)
         rank = rank.masked_fill(~allowed, float("-inf"))
-    if score_bias is not None:
+    if score_bias is not None and not rule.bias_on_logits:
         best_bias = score_bias[rank.argmax(dim=-1, keepdim=True)]
-        affinity = torch.logit((scores + (score_bias - best_bias)).clamp(_EPS, 1 - _EPS))
+        affinity = _score_to_logit(scores + (score_bias - best_bias), rule.scoring)
     if rule.grouped:
         affinity = affinity.masked_fill(~allowed, float("-inf"))
     return rank, affinity
@@ -196,12 +251,18 @@ def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, va
     softmax, not renormalised: they carry the probability mass the token's plain top-k had
       (Qwen2-MoE, OLMoE, DeepSeek-V2); with the plain choice this is the plain weight.
     softmax after top-k: softmax over the chosen logits (GPT-OSS).
-    sigmoid: the chosen (unbiased) scores, renormalised or not (DeepSeek-V3, Llama-4).
+    sigmoid, sqrt-softplus: the chosen (unbiased) scores, renormalised or not (DeepSeek-V3,
+      Llama-4, DeepSeek-V4).
+    A selection bias only ranks: the weights are the unbiased scores (with a softmax's plain
+    mass taken from the plain top-k of the biased ranking).
+    sparsemixer: the router's masked softmax around each chosen expert (``sparsemixer_weights``).
     """
-    if rule.softmax_after_topk:
+    if rule.scoring == "sparsemixer":
+        weights = sparsemixer_weights(logits, ids, rule.jitter_eps) * valid
+    elif rule.softmax_after_topk:
         weights = torch.softmax(logits.gather(-1, ids).masked_fill(~valid, float("-inf")), dim=-1)
     else:
-        scores = torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else torch.sigmoid(logits)
+        scores = score_values(logits, rule.scoring)
         weights = scores.gather(-1, ids) * valid
         if rule.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -211,18 +272,45 @@ def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, va
     return weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights
 
 
+def sparsemixer_weights(logits: torch.Tensor, ids: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+    """Phi-3.5-MoE's sparsemixer weights (inference) of the chosen ``ids`` [T, 2], the best first.
+
+    The first expert's weight is a softmax over the experts whose logit is within ``2 *
+    jitter_eps`` (relative) of its own or above it; the second's the same around its logit with
+    the first expert removed. With the plain top-2 (the best logit, then the best of the rest)
+    this is the router's code exactly, so B = 1 and prefill are plain routing. With another
+    choice it is the same formula around the chosen experts: a better expert the batch did not
+    keep still counts in the softmax (dropping it does not raise the others' weights, as in a
+    softmax router that is not renormalised). -inf logits stay out of the windows."""
+    first, second = ids[:, :1], ids[:, 1:2]
+    outside = logits == float("-inf")  # (their window test would be inf / inf: keep it out)
+    weights = []
+    for chosen, scores in ((first, logits), (second, logits.scatter(-1, first, float("-inf")))):
+        threshold = scores.gather(-1, chosen)
+        factor = logits.abs().clamp(min=threshold)
+        window = ((threshold - logits) / factor > 2 * jitter_eps) | outside
+        weights.append(torch.softmax(scores.masked_fill(window, float("-inf")), dim=-1).gather(-1, chosen))
+    return torch.cat(weights, dim=-1)
+
+
 def route_plain(logits: torch.Tensor, top_k: int, rule: RouterRule, score_bias: torch.Tensor | None = None):
     """Plain top-k routing under ``rule`` with the routers' own op sequence (a reference)."""
     if rule.softmax_after_topk:
         values, ids = torch.topk(logits, top_k, dim=-1)
         return torch.softmax(values, dim=-1), ids
-    if rule.scoring == "softmax":
+    if rule.scoring == "sparsemixer":
+        weights, ids = _sparsemixer(logits, rule.jitter_eps)
+        return (weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights), ids
+    if rule.scoring == "softmax" and score_bias is None:  # Mixtral, DeepSeek-V2, Mistral-4
         scores = torch.softmax(logits, dim=-1)
         choice = scores.masked_fill(~group_mask(scores, rule), 0.0) if rule.grouped else scores
         weights, ids = torch.topk(choice, top_k, dim=-1)
-    else:
-        scores = torch.sigmoid(logits)
-        choice = scores if score_bias is None else scores + score_bias
+    else:  # DeepSeek-V3/V4, ERNIE-4.5 (bias on the scores), Kolibri (bias on the logits)
+        scores = score_values(logits, rule.scoring)
+        if score_bias is None:
+            choice = scores
+        else:
+            choice = logits + score_bias if rule.bias_on_logits else scores + score_bias
         if rule.grouped:
             choice = choice.masked_fill(~group_mask(choice, rule), float("-inf"))
         ids = torch.topk(choice, top_k, dim=-1).indices
@@ -230,3 +318,16 @@ def route_plain(logits: torch.Tensor, top_k: int, rule: RouterRule, score_bias: 
     if rule.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return (weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights), ids
+
+
+def _sparsemixer(scores: torch.Tensor, jitter_eps: float):
+    """transformers' ``phimoe.sparsemixer`` at inference, as written there."""
+    threshold, first = scores.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    gates = torch.softmax(scores.masked_fill((threshold - scores) / factor > 2 * jitter_eps, float("-inf")), dim=-1)
+    masked_scores = torch.scatter(scores, -1, first, float("-inf"))
+    threshold, second = masked_scores.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    gates_top2 = torch.softmax(
+        masked_scores.masked_fill((threshold - scores) / factor > 2 * jitter_eps, float("-inf")), dim=-1)
+    return torch.cat((gates.gather(-1, first), gates_top2.gather(-1, second)), dim=-1), torch.cat((first, second), -1)
