@@ -303,12 +303,12 @@ def time_selector(batch, logits_list, lynx_on_row, shape, dtype, repeats: int = 
     alpha, beta = matched[0]["alpha"], matched[0]["beta"]
     k, renorm = shape.top_k, shape.norm_topk_prob
     inputs = [x.to(dtype) for x in logits_list]
-    sigmoid = shape.scoring == "sigmoid"  # Llama-4: the selector ranks by the logits (router_dense.py)
+    sigmoid = shape.scoring == "sigmoid"  # Llama-4: ranked by the logits, sigmoid weights (router_dense.py)
 
     def selector(x):
-        w, i = torch.ops.lynx.select_experts.default(x, None, None, None, k, 1, "lynx", [alpha, beta or 0.0], True,
-                                                     "softmax", renorm or sigmoid, False, 1, 1, "max", 1.0)
-        return (torch.sigmoid(x.gather(-1, i).float()) if sigmoid else w), i
+        return torch.ops.lynx.select_experts.default(x, None, None, None, k, 1, "lynx", [alpha, beta or 0.0], True,
+                                                     shape.scoring, renorm and not sigmoid, False, 1, 1, "max", 1.0,
+                                                     sigmoid)
 
     def plain(x):
         if sigmoid:

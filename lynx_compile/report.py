@@ -76,7 +76,10 @@ def _table(cols: list[str], rows: list[list]) -> list[str]:
 
 def describe_rule(rule, biased: bool) -> str:
     """A RouterRule in a few words, e.g. ``sigmoid+bias, 8 groups top 4 (top2_sum), renormalised, x2.5``."""
-    parts = [rule.scoring + (("+logit bias" if rule.bias_on_logits else "+bias") if biased else "")]
+    if rule.bias_on_logits:  # ranked by the logits (+ bias), weighed by the scores
+        parts = [rule.scoring + ("+logit bias" if biased else " of the logits' top-k")]
+    else:
+        parts = [rule.scoring + ("+bias" if biased else "")]
     if rule.grouped:
         parts.append(f"{rule.num_groups} groups top {rule.topk_groups} ({rule.group_score})")
     if rule.scoring == "sparsemixer":

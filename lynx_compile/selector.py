@@ -135,13 +135,15 @@ def select_experts(
             (Phi-3.5-MoE, top_k=2: the best two logits, each weighed by a softmax over the experts
             within ``2 * jitter_eps`` of it, relative; ``renormalize`` does not apply).
             ``score_bias``: a selection-only bias ``[E]`` added to the scores before top-k (the
-            weights use the unbiased scores), or with ``bias_on_logits=True`` added to the logits.
+            weights use the unbiased scores). ``bias_on_logits=True``: the router ranks by the logits
+            (plus ``score_bias`` if given), not by its scores; the weights are still the scores.
             GPT-OSS: ``softmax_after_topk=True``. DeepSeek-V3: ``scoring="sigmoid",
             score_bias=e_score_correction_bias, num_groups=n_group, topk_groups=topk_group,
             group_score="top2_sum", scaling_factor=routed_scaling_factor``. ERNIE-4.5:
             ``score_bias=e_score_correction_bias`` (softmax). Kolibri: ``scoring="sigmoid",
             score_bias=e_score_correction_bias, bias_on_logits=True``. Phi-3.5-MoE:
-            ``scoring="sparsemixer", jitter_eps=router_jitter_noise``.
+            ``scoring="sparsemixer", jitter_eps=router_jitter_noise``. Llama-4: ``scoring="sigmoid",
+            renormalize=False, bias_on_logits=True`` (top-k of the logits, sigmoid weights).
         live: bool ``[T]``: the rows that are live tokens (None: all). Other rows (padding,
             finished sequences) do not vote and do not count in the batch; they are routed
             inside the kept set.

@@ -14,7 +14,7 @@ IN_DEPTH = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 # Families rewritten end to end with transformers 5.24 (constraints.txt): a regression guard.
 REWRITTEN = {
     "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2", "deepseek_v32",
-    "dots1", "dots3_note", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
+    "dots1", "dots3_note", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "glm4_moe",
     "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
     "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "inkling2", "inkling2_loop", "jamba",
     "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "llama4", "mellum", "mimo_v2_flash", "minimax",

@@ -61,7 +61,7 @@ def test_plain_routing_equals_eager_fp32(top_k):
     [layer] = [m for r in reports for m in r.matched]
     assert (layer.router, layer.dispatch) == ("dense_sigmoid", "dense_experts (input-weighted)")
     assert (layer.rule, layer.layout, layer.activation, layer.top_k) == (
-        "sigmoid, not renormalised", "gate_up_concat_t", "silu", top_k)
+        "sigmoid of the logits' top-k, not renormalised", "gate_up_concat_t", "silu", top_k)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     [dispatch] = cap.dispatch  # one row per (token, slot): only the chosen experts are read
     assert dispatch.ids.shape == (10 * top_k, 1)
@@ -101,8 +101,9 @@ def test_decode_step_reroutes_as_reference(top_k):
     [event] = cap.routing
     assert event.rerouted
     knobs = {"alpha": layer.alpha, "beta": layer.beta}
-    _, ids = reference_route(event.logits, top_k, event.rule, "lynx", knobs)
-    assert torch.equal(ids, event.ids)
+    weights, ids = reference_route(event.logits, top_k, event.rule, "lynx", knobs)
+    assert torch.equal(ids, event.ids) and torch.equal(weights, event.weights)
+    assert torch.equal(event.weights, torch.sigmoid(event.logits.gather(-1, event.ids).float()))  # the router's
     # the router rule itself gives the same choice where nothing saturates (|logits| small here)
     _, sigmoid_ids = reference_route(event.logits, top_k, RouterRule("sigmoid", False), "lynx", knobs)
     assert torch.equal(sigmoid_ids, event.ids)
@@ -129,7 +130,7 @@ def test_whole_model_sweep():
 
     result = sweep_family("llama4")
     assert result.problems == [] and result.status == "rewritten", result
-    assert result.rules == ["sigmoid, not renormalised; gate_up_concat_t, silu"]
+    assert result.rules == ["sigmoid of the logits' top-k, not renormalised; gate_up_concat_t, silu"]
 
 
 def test_nonzero_weight_for_unchosen_experts_left_alone(monkeypatch):

@@ -193,7 +193,6 @@ def test_traces_without_host_sync():
         (dict(router_logits=torch.zeros(4, 8), top_k=2, alpha=1.0, beta=1.5), "beta"),
         (dict(router_logits=torch.zeros(4, 8), top_k=2, alpha=1.0, scoring="tanh"), "scoring must be one of"),
         (dict(router_logits=torch.zeros(4, 8), top_k=2, alpha=1.0, score_bias=torch.zeros(7)), r"shape \[8\]"),
-        (dict(router_logits=torch.zeros(4, 8), top_k=2, alpha=1.0, bias_on_logits=True), "needs a score_bias"),
         (dict(router_logits=torch.zeros(4, 8), top_k=2, alpha=1.0, bias_on_logits=1, score_bias=torch.zeros(8)),
          "must be bools"),
         (dict(router_logits=torch.zeros(4, 8), top_k=2, alpha=1.0, softmax_after_topk=True,

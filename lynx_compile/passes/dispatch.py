@@ -29,6 +29,7 @@ from .graph_utils import (
     is_param_source,
     is_size_value,
     module_path,
+    module_stack,
     op_kind,
     region_inputs,
     same_size,
@@ -129,12 +130,19 @@ def expert_region(router: RouterMatch, output: Node, routing: tuple[Node, Node] 
     region = backward_region(output, stop)
     if region is None:
         return "the experts computation is not a self-contained region"
+    own = experts_own_inputs(region, output, boundary, ids)
+    own_input = None
+    if own is not None:  # the experts read their own copy of the tokens (Gemma-4)
+        own_input, own_weights = own
+        weights = own_weights or weights
+        boundary |= {own_input, weights}
+        region = backward_region(output, stop)
     collectives = [n for n in region if op_kind(n) in ("collective", "wait_tensor")]
     if collectives:
         return (f"a collective ({collectives[0].name}) runs inside the experts computation, before the routing "
                 "weights are applied: lynx does not move collectives (reduce after the weighted sum over the k experts)")
     inputs = region_inputs(region)
-    hidden = [n for n in inputs if n in router.hidden_aliases]
+    hidden = [n for n in inputs if n in router.hidden_aliases or n is own_input]
     outside = [n for n in inputs if n not in boundary and not is_param_source(n) and not is_size_value(n)]
     if outside:
         return f"the experts computation also reads {outside[0].name}"
@@ -146,6 +154,34 @@ def expert_region(router: RouterMatch, output: Node, routing: tuple[Node, Node] 
     if escaping:
         return f"an intermediate of the experts computation ({escaping[0].name}) is used elsewhere"
     return region, hidden[0], ids, weights
+
+
+def experts_own_inputs(region: set[Node], output: Node, boundary: set[Node], ids: Node,
+                       ) -> tuple[Node, Node | None] | None:
+    """(tokens, weights): the [tokens, hidden] tensor the experts module is called with when it is
+    computed outside the module from the router's input, and the [tokens, k] weights it is called
+    with when they are computed outside from the router's (None: the router's own). Gemma-4 routes
+    the residual, feeds the experts ``pre_feedforward_layernorm_2`` of it and weighs them by
+    ``weights * per_expert_scale[ids]``. The experts pair those rows with the router's ids as
+    transformers' code does (same tokens, same order), so lynx's op reads the same tensors; the
+    computation that makes them stays in the graph (reading the selector's ids and weights).
+    None when the experts read the router's input itself."""
+    experts = module_path(output)
+    if not experts:
+        return None
+    inside = {n for n in region if experts in module_stack(n)}
+    entries = [n for n in region_inputs(inside)
+               if n not in boundary and not is_param_source(n) and not is_size_value(n)]
+    if not entries or any(n not in region for n in entries):  # each made on the way from the router
+        return None
+    ids_shape = shape(ids)
+    tokens = [n for n in entries if len(shape(n) or ()) == 2 and not same_sizes(shape(n), ids_shape)]
+    weights = [n for n in entries if same_sizes(shape(n), ids_shape) and dtype(n) is not None and dtype(n).is_floating_point]
+    if len(tokens) != 1 or len(tokens) + len(weights) != len(entries) or len(weights) > 1:
+        return None
+    if ids_shape is None or not same_size(shape(tokens[0])[0], ids_shape[0]):
+        return None
+    return tokens[0], (weights[0] if weights else None)
 
 
 @dataclass

@@ -139,7 +139,7 @@ def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: d
                    sequence_dim: int | None, ep_ranks: int | None = None) -> Node:
     graph = gm.graph
     dense = isinstance(match, DenseRouterMatch)
-    rule = match.selection_rule if dense else match.rule
+    rule = match.rule
     state, mask = step_context_nodes(gm, match.logits)
     with graph.inserting_before(match.topk):
         if sequence_dim is None:  # no shape rule: only an engine's step context makes a decode step
@@ -160,7 +160,7 @@ def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: d
         )
         weights = _call(graph, operator.getitem, (select, 0), like=match.topk)
         ids = _call(graph, operator.getitem, (select, 1), like=match.topk)
-        if dense:  # the router's own weights of the chosen experts (the selector's are for its rule)
+        if dense:  # the router's own weights of the chosen experts, with its casts
             chosen = _call(graph, torch.gather, (match.logits, -1, ids), like=match.topk)
             weights, _ = _router_weight_ops(graph, match, chosen)
     if not dense and dtype(match.weights) != torch.float32:  # keep the dtype the router handed on

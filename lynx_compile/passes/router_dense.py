@@ -6,8 +6,10 @@
 The graph has no [tokens, k] weights tensor: the match's ``weights`` is the top-k values (raw
 logits), and the dense dispatch rewrite puts the weights node in (``rewrite.py``), replaying
 the router's own sigmoid and casts on the k values; a selector replacing the router gets the
-same ops on the logits of the experts it chose. The match's ``rule`` (sigmoid, not
-renormalised) is the router's; the selector ranks by ``selection_rule`` (see there).
+same ops on the logits of the experts it chose. The match's ``rule`` is sigmoid weights, not
+renormalised, ranked by the logits (``bias_on_logits``): the router's top-k is over the logits,
+and ranking by sigmoid(logits) would tie the experts whose sigmoid rounds to 1.0 (logits above
+~17 in fp32) that the logits tell apart.
 """
 
 from __future__ import annotations
@@ -25,20 +27,11 @@ from .routers import RouterMatch, _build, router_pattern, topk_args, topk_output
 _SCORE_KINDS = frozenset({"sigmoid", "cast"})
 
 
-# What a selector replacing this router ranks by. The router's top-k is over the logits; the
-# sigmoid rule ranks by sigmoid(logits), which rounds to 1.0 above logit ~17 in fp32 and would
-# tie experts the logits tell apart. Softmax scoring ranks and bins by the logits themselves
-# (AffinityBinning's bins are on the logits under both rules); its weights are not used: the
-# rewrite weighs the chosen experts with the router's own sigmoid of their logits.
-SELECTION_RULE = RouterRule("softmax", True)
-
-
 @dataclass
 class DenseRouterMatch(RouterMatch):
     scattered: Node | None = None  # full_like(logits, -inf).scatter_(1, ids, values)
     dense_weights: Node | None = None  # [tokens, experts]: sigmoid of it, cast back
     weight_ops: list[Node] = field(default_factory=list)  # the sigmoid and casts, in order
-    selection_rule: RouterRule = SELECTION_RULE
 
 
 def _scatter_of_values(values: Node, ids: Node, logits: Node) -> Node | str:
@@ -93,7 +86,7 @@ def dense_sigmoid(topk: Node) -> DenseRouterMatch | str:
     dense, ops = found
     if shape(dense) != shape(logits):
         return "the dense weights are not [tokens, experts]"
-    match = _build("dense_sigmoid", topk, logits, values, ids, k, RouterRule("sigmoid", False))
+    match = _build("dense_sigmoid", topk, logits, values, ids, k, RouterRule("sigmoid", False, bias_on_logits=True))
     if isinstance(match, str):
         return match
     return DenseRouterMatch(**vars(match), scattered=scatter, dense_weights=dense, weight_ops=ops)

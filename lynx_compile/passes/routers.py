@@ -177,7 +177,7 @@ def logit_transform_input(node: Node) -> Node | None:
     ``tanh(x)`` (Laguna's softcap ``tanh(L / c) * c``); None for anything else. The selector reads
     the transformed logits, so the transform itself needs no rule: this only finds the linear."""
     kind = op_kind(node)
-    if kind == "cast" or (kind in ("fn:tanh", "method:tanh") and len(node.args) == 1 and not node.kwargs):
+    if kind == "cast" or (kind == "tanh" and len(node.args) == 1 and not node.kwargs):
         return node.args[0] if node.args and isinstance(node.args[0], Node) else None
     if kind in ("mul", "div") and len(node.args) == 2 and not node.kwargs:
         left, right = node.args
@@ -213,7 +213,7 @@ def normalised_input(node: Node) -> Node:
 def _is_rms_factor(factor: object, x: Node) -> bool:
     """``(x ** 2).mean(-1, keepdim=True) + eps`` to the power -0.5 (or its rsqrt)."""
     kind = op_kind(factor) if isinstance(factor, Node) else None
-    if kind in ("fn:pow", "method:pow") and arg(factor, 1, "exponent") == -0.5:
+    if kind == "pow" and arg(factor, 1, "exponent") == -0.5:
         base = factor.args[0]
     elif kind in ("fn:rsqrt", "method:rsqrt"):
         base = factor.args[0]
@@ -224,7 +224,7 @@ def _is_rms_factor(factor: object, x: Node) -> bool:
     if op_kind(base) not in ("method:mean", "fn:mean") or not is_last_dim(arg(base, 1, "dim"), 2):
         return False
     squared = base.args[0]
-    return (op_kind(squared) in ("fn:pow", "method:pow") and squared.args[0] is x
+    return (op_kind(squared) == "pow" and squared.args[0] is x
             and arg(squared, 1, "exponent") == 2)
 
 

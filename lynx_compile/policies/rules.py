@@ -39,7 +39,7 @@ class RouterRule:
     topk_groups: int = 1  # ...of which each token may use the topk_groups best
     group_score: str = "max"  # a group's score: its best expert (V2) or its best two summed (V3)
     scaling_factor: float = 1.0  # DeepSeek's routed_scaling_factor
-    bias_on_logits: bool = False  # the selection bias is added to the logits (Kolibri), not the scores
+    bias_on_logits: bool = False  # the router ranks by the logits (+ its selection bias), not its scores (Kolibri, Llama-4)
     jitter_eps: float = 0.0  # sparsemixer (Phi-3.5-MoE): each weight is a softmax over a 2 * eps window
 
     def __post_init__(self):
@@ -88,8 +88,6 @@ def check_rule(rule: RouterRule, num_experts: int, top_k: int, score_bias) -> No
             raise ValueError(f"top_k={top_k} exceeds the experts of topk_groups={rule.topk_groups} groups")
     if rule.scoring == "sparsemixer" and top_k != 2:
         raise ValueError(f"scoring='sparsemixer' chooses top_k=2 experts, got top_k={top_k}")
-    if score_bias is None and rule.bias_on_logits:
-        raise ValueError("bias_on_logits=True needs a score_bias")
     if score_bias is not None:
         if rule.softmax_after_topk or rule.scoring == "sparsemixer":
             raise ValueError("score_bias (a selection-only bias) is not supported with softmax_after_topk "
@@ -165,12 +163,12 @@ def router_scores(logits: torch.Tensor, rule: RouterRule, score_bias: torch.Tens
     that fall to 0 or below land in the deepest bin.
     """
     scores = None
-    if score_bias is None:
+    if rule.bias_on_logits:  # ranked by the logits themselves (Llama-4), or plus the bias (Kolibri)
+        rank = affinity = logits if score_bias is None else logits + score_bias
+    elif score_bias is None:
         rank = affinity = logits
         if rule.scoring in ("sigmoid", "sqrtsoftplus"):
             scores = rank = score_values(logits, rule.scoring)
-    elif rule.bias_on_logits:
-        rank = affinity = logits + score_bias
     else:
         scores = score_values(logits, rule.scoring)
         rank = scores + score_bias
@@ -307,10 +305,10 @@ def route_plain(logits: torch.Tensor, top_k: int, rule: RouterRule, score_bias: 
         weights, ids = torch.topk(choice, top_k, dim=-1)
     else:  # DeepSeek-V3/V4, ERNIE-4.5 (bias on the scores), Kolibri (bias on the logits)
         scores = score_values(logits, rule.scoring)
-        if score_bias is None:
-            choice = scores
+        if rule.bias_on_logits:
+            choice = logits if score_bias is None else logits + score_bias
         else:
-            choice = logits + score_bias if rule.bias_on_logits else scores + score_bias
+            choice = scores if score_bias is None else scores + score_bias
         if rule.grouped:
             choice = choice.masked_fill(~group_mask(choice, rule), float("-inf"))
         ids = torch.topk(choice, top_k, dim=-1).indices
