@@ -133,6 +133,19 @@ def test_whole_model_sweep():
     assert result.rules == ["sigmoid of the logits' top-k, not renormalised; gate_up_concat_t, silu"]
 
 
+def left_unchanged(moe):
+    """The one candidate lynx left alone on ``moe``, after checking nothing matched and the
+    output equals eager."""
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        expected, _ = moe(x)
+    out, _, reports = compile_run(moe, x)
+    assert not any(r.matched for r in reports)
+    [candidate] = [u for r in reports for u in r.unmatched]
+    assert torch.equal(out, expected)
+    return candidate
+
+
 def test_nonzero_weight_for_unchosen_experts_left_alone(monkeypatch):
     """A fill other than -inf gives the unchosen experts weight sigmoid(fill) > 0: not sparse."""
     def forward(self, hidden_states):
@@ -142,28 +155,15 @@ def test_nonzero_weight_for_unchosen_experts_left_alone(monkeypatch):
         return torch.sigmoid(scores.float()).to(scores.dtype), logits
 
     monkeypatch.setattr(modeling_llama4.Llama4Router, "forward", forward)
-    moe, x = block(1), torch.randn(2, 5, HIDDEN)
-    with torch.no_grad():
-        expected, _ = moe(x)
-    out, _, reports = compile_run(moe, x)
-    assert not any(r.matched for r in reports)
-    [candidate] = [u for r in reports for u in r.unmatched]
+    candidate = left_unchanged(block(1))
     assert "not -inf" in candidate.reason and candidate.module.endswith("router")
-    assert torch.equal(out, expected)
 
 
 def test_scaled_experts_output_left_alone(monkeypatch):
     """Arithmetic the pattern does not model (here the experts' output scaled) is not replaced."""
     original = modeling_llama4.Llama4TextExperts.forward
     monkeypatch.setattr(modeling_llama4.Llama4TextExperts, "forward", lambda self, h: original(self, h) * 0.5)
-    moe, x = block(1), torch.randn(2, 5, HIDDEN)
-    with torch.no_grad():
-        expected, _ = moe(x)
-    out, _, reports = compile_run(moe, x)
-    assert not any(r.matched for r in reports)
-    [candidate] = [u for r in reports for u in r.unmatched]
-    assert "the sum over the experts reads mul" in candidate.reason
-    assert torch.equal(out, expected)
+    assert "the sum over the experts reads mul" in left_unchanged(block(1)).reason
 
 
 def test_dynamic_batch_sizes_top2():

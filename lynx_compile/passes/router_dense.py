@@ -20,8 +20,8 @@ import torch
 from torch.fx import Node
 
 from ..selector import RouterRule
-from .graph_utils import arg, is_last_dim, op_kind, shape, strip
-from .routers import RouterMatch, _build, router_pattern, topk_args, topk_outputs
+from .graph_utils import arg, is_last_dim, op_kind, shape
+from .routers import RouterMatch, _build, router_pattern, topk_of_logits
 
 # Ops between the scatter and the dense weights: the sigmoid and dtype casts, nothing else.
 _SCORE_KINDS = frozenset({"sigmoid", "cast"})
@@ -67,16 +67,10 @@ def _dense_weights(scatter: Node) -> tuple[Node, list[Node]] | str:
 @router_pattern("dense_sigmoid")
 def dense_sigmoid(topk: Node) -> DenseRouterMatch | str:
     """top-k of the logits -> scatter into -inf -> sigmoid (Llama-4's ``Llama4Router``)."""
-    parsed = topk_args(topk)
-    if isinstance(parsed, str):
-        return parsed
-    logits, k = parsed
-    if op_kind(strip(logits)) != "linear":
-        return f"top-k input is {op_kind(strip(logits))}, not router logits"
-    outputs = topk_outputs(topk, need_values=True)
-    if isinstance(outputs, str):
-        return outputs
-    values, ids = outputs
+    found = topk_of_logits(topk)
+    if isinstance(found, str):
+        return found
+    logits, k, values, ids = found
     scatter = _scatter_of_values(values, ids, logits)
     if isinstance(scatter, str):
         return scatter

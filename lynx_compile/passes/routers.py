@@ -388,9 +388,9 @@ def softmax_topk(topk: Node) -> RouterMatch | str:
     return scored_topk(topk, "softmax_topk", ("softmax",))
 
 
-@router_pattern("topk_softmax")
-def topk_softmax(topk: Node) -> RouterMatch | str:
-    """top-k of the logits -> softmax over those k (GPT-OSS)."""
+def topk_of_logits(topk: Node) -> tuple[Node, int, Node, Node] | str:
+    """(logits, k, values, ids) of a top-k taken over the router logits themselves (GPT-OSS,
+    Llama-4), its values used."""
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
@@ -400,7 +400,16 @@ def topk_softmax(topk: Node) -> RouterMatch | str:
     outputs = topk_outputs(topk, need_values=True)
     if isinstance(outputs, str):
         return outputs
-    values, ids = outputs
+    return (logits, k, *outputs)
+
+
+@router_pattern("topk_softmax")
+def topk_softmax(topk: Node) -> RouterMatch | str:
+    """top-k of the logits -> softmax over those k (GPT-OSS)."""
+    found = topk_of_logits(topk)
+    if isinstance(found, str):
+        return found
+    logits, k, values, ids = found
     users = list(values.users)
     if any(op_kind(u) == "scatter" for u in users):  # transformers' Llama-4: router_dense.py
         return "the top-k values are scattered into a [tokens, experts] matrix (dense routing)"
@@ -417,17 +426,27 @@ def sigmoid_topk(topk: Node) -> RouterMatch | str:
     return scored_topk(topk, "sigmoid_topk", ("sigmoid", "sqrtsoftplus"))
 
 
-def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMatch | str:
-    """A router that scores the experts, ranks by the scores (plus a selection bias) and weighs
-    by the unbiased scores of the chosen experts."""
+def ranked_choice(topk: Node):
+    """What a router's top-k ranks: ``(choice, group, fill, k, biased)`` with the choice under an
+    optional group limit (``group_limit``) and ``biased`` its ``(x, bias)`` split if it adds a
+    per-expert bias (``selection_bias``), else None; or why the top-k is not a router's."""
     parsed = topk_args(topk)
     if isinstance(parsed, str):
         return parsed
     limited = group_limit(parsed[0])
     if isinstance(limited, str):
         return limited
-    (choice, group, fill), k = limited, parsed[1]
-    biased = selection_bias(choice, shape(parsed[0])[1])
+    choice, group, fill = limited
+    return choice, group, fill, parsed[1], selection_bias(choice, shape(parsed[0])[1])
+
+
+def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMatch | str:
+    """A router that scores the experts, ranks by the scores (plus a selection bias) and weighs
+    by the unbiased scores of the chosen experts."""
+    ranked = ranked_choice(topk)
+    if isinstance(ranked, str):
+        return ranked
+    choice, group, fill, k, biased = ranked
     scores, bias = biased or (choice, None)
     found = score_function(scores)
     if found is None or found[0] not in scorings:
@@ -463,14 +482,10 @@ def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMa
 def logit_bias_topk(topk: Node) -> RouterMatch | str:
     """top-k of ``logits + selection bias`` -> score the unbiased logits of the chosen experts
     (``sigmoid(L.gather(ids))`` or ``score(L).gather(ids)``) -> [renormalise] -> [scale] (Kolibri)."""
-    parsed = topk_args(topk)
-    if isinstance(parsed, str):
-        return parsed
-    limited = group_limit(parsed[0])
-    if isinstance(limited, str):
-        return limited
-    (choice, group, fill), k = limited, parsed[1]
-    biased = selection_bias(choice, shape(parsed[0])[1])
+    ranked = ranked_choice(topk)
+    if isinstance(ranked, str):
+        return ranked
+    choice, group, fill, k, biased = ranked
     if biased is None:
         return "top-k input is not logits plus a per-expert bias"
     logits, bias = biased
