@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from lynx_compile import select_experts
+from lynx_compile.kernels import select_cpu
 from lynx_compile.policies.affinity_binning import vote_depth
+
+
+@pytest.fixture(params=["cpu kernels", "torch form"])
+def form(request, monkeypatch):
+    """The selector's choice steps as the CPU kernels run them, and as other devices run them."""
+    monkeypatch.setattr(select_cpu, "enabled", request.param == "cpu kernels")
+    return request.param
 
 
 def reference_ids(logits: torch.Tensor, k: int, alpha: float, beta: int | None) -> list[list[int]]:
@@ -50,7 +58,7 @@ CASES = [  # (T, E, k, alpha, beta)
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,k,alpha,beta", CASES)
-def test_matches_exact_reference(num_tokens, num_experts, k, alpha, beta):
+def test_matches_exact_reference(num_tokens, num_experts, k, alpha, beta, form):
     for seed in range(3):
         logits = skewed_logits(num_tokens, num_experts, seed)
         _, ids = select_experts(logits, k, alpha=alpha, beta=beta)
@@ -123,7 +131,7 @@ def test_renormalised_weights_sum_to_one():
     torch.testing.assert_close(weights, probs / probs.sum(-1, keepdim=True))
 
 
-def test_mass_rule_without_renormalising():
+def test_mass_rule_without_renormalising(form):
     logits = skewed_logits(16, 32, seed=6)
     weights, ids = select_experts(logits, 4, alpha=3.0, beta=2, renormalize=False)
     probs = torch.softmax(logits, -1)

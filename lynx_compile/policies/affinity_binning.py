@@ -27,6 +27,7 @@ import functools
 
 import torch
 
+from ..kernels import select_cpu
 from .rules import index_bits, order_key
 
 _INT64_BUDGET = 2**62
@@ -87,8 +88,17 @@ def kept_experts(rank: torch.Tensor, affinity: torch.Tensor, voters: torch.Tenso
     """[E] bool: the union of the voters' choices (all experts when nobody votes).
 
     ``rank``/``affinity`` [T, E] as ``rules.router_scores`` returns them; ``voters`` [T] bool
-    (healthy rows only: a voter's row must be finite where it is not -inf).
+    (healthy rows only: a voter's row must be finite where it is not -inf). On CPU one C++
+    op (``kernels/select_cpu.cpp``) computes the same; elsewhere ``kept_experts_torch``.
     """
+    if select_cpu.use_for(rank):
+        return torch.ops.lynx.affinity_kept(rank, affinity, voters, top_k, alpha, list(_depth_limits(beta)))
+    return kept_experts_torch(rank, affinity, voters, top_k, alpha, beta)
+
+
+def kept_experts_torch(rank: torch.Tensor, affinity: torch.Tensor, voters: torch.Tensor, top_k: int,
+                       alpha: float, beta: int | None) -> torch.Tensor:
+    """``kept_experts`` in static-shaped torch (traced and fused on any device)."""
     num_tokens, num_experts = rank.shape
     limits = _depth_limits(beta)
     voter_count = voters.sum()

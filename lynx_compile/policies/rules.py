@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import select_cpu
+
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 GROUP_SCORES = ("max", "top2_sum")
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -227,8 +229,20 @@ def finish(logits: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, confine
     what ``torch.topk`` would give it. A confined row with fewer than ``top_k`` usable experts
     repeats its first expert at weight 0 (its output stays finite and no expert is added), or
     with ``refill`` takes its best allowed experts outside the set after those inside it.
-    Returns ``(weights fp32, ids int64)``, both ``[T, top_k]``.
+    Returns ``(weights fp32, ids int64)``, both ``[T, top_k]``. On CPU the choice is one C++ op
+    (``kernels/select_cpu.cpp``); elsewhere ``choose_in_kept``.
     """
+    with_plain = _needs_plain_mass(rule)
+    if select_cpu.use_for(rank):
+        ids, valid, plain = torch.ops.lynx.choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
+    else:
+        ids, valid, plain = choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
+    return rule_weights(logits, rank, ids, valid, top_k, rule, plain if with_plain else None), ids
+
+
+def choose_in_kept(rank: torch.Tensor, kept: torch.Tensor, confined: torch.Tensor, healthy: torch.Tensor,
+                   top_k: int, refill: bool, with_plain: bool):
+    """``finish``'s choice in static-shaped torch: ``(ids, valid, plain ids or [T, 0])``."""
     allowed = rank > float("-inf")
     preferred = torch.where(healthy[:, None], allowed & (kept[None, :] | ~confined[:, None]), True)
     usable = torch.where(healthy[:, None], allowed, True) if refill else preferred
@@ -238,11 +252,17 @@ def finish(logits: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, confine
     ids = topk_by_key(key, top_k)
     valid = torch.arange(top_k, device=ids.device) < usable.sum(dim=-1, keepdim=True)
     ids = torch.where(valid, ids, ids[:, :1])
-    return rule_weights(logits, rank, ids, valid, top_k, rule), ids
+    plain = topk_by_key(order_key(rank), top_k) if with_plain else ids[:, :0]
+    return ids, valid, plain
+
+
+def _needs_plain_mass(rule: RouterRule) -> bool:
+    """Whether ``rule_weights`` rescales to the plain top-k's probability mass."""
+    return rule.scoring == "softmax" and not rule.renormalize and not rule.softmax_after_topk
 
 
 def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                 top_k: int, rule: RouterRule) -> torch.Tensor:
+                 top_k: int, rule: RouterRule, plain_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The router's own weights for the chosen ``ids`` (slots not ``valid`` weigh 0).
 
     softmax, renormalised: the chosen probabilities sum to 1 (Mixtral, Qwen3-MoE).
@@ -254,6 +274,7 @@ def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, va
     A selection bias only ranks: the weights are the unbiased scores (with a softmax's plain
     mass taken from the plain top-k of the biased ranking).
     sparsemixer: the router's masked softmax around each chosen expert (``sparsemixer_weights``).
+    ``plain_ids``: the plain top-k of ``rank`` where the caller has it (else computed here).
     """
     if rule.scoring == "sparsemixer":
         weights = sparsemixer_weights(logits, ids, rule.jitter_eps) * valid
@@ -265,7 +286,9 @@ def rule_weights(logits: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, va
         if rule.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         elif rule.scoring == "softmax":
-            plain = scores.gather(-1, topk_by_key(order_key(rank), top_k))
+            if plain_ids is None:
+                plain_ids = topk_by_key(order_key(rank), top_k)
+            plain = scores.gather(-1, plain_ids)
             weights = weights * (plain.sum(dim=-1, keepdim=True) / weights.sum(dim=-1, keepdim=True))
     return weights * rule.scaling_factor if rule.scaling_factor != 1.0 else weights
 
