@@ -3,8 +3,9 @@
 ``lynx::select_experts`` replaces a router's top-k; ``lynx::grouped_experts`` replaces the
 experts dispatch. Both are ``torch.library.custom_op``s with fake implementations. The experts
 op is opaque to Inductor (a compiled graph calls its kernel like any fallback); the selector is
-small static-shaped torch, which the backend lets Inductor trace and fuse
-(``select_experts_decomposition``) unless the user asks to observe every call.
+small static-shaped torch (on CPU around two C++ ops, ``kernels/select_cpu.py``), which the
+backend lets Inductor trace and fuse (``select_experts_decomposition``) unless the user asks to
+observe every call.
 """
 
 from __future__ import annotations

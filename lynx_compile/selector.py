@@ -4,7 +4,9 @@
 synchronisation: router scores under the router's rule (``policies.rules``), the batch's kept
 set from the voters under a policy (``policies``), each token's best experts inside it, the
 router's own weights. The ``lynx::select_experts`` op runs it eagerly and Inductor traces it
-into the compiled graph (``backend.py``), where it fuses with the code around it.
+into the compiled graph (``backend.py``), where it fuses with the code around it. On CPU the
+kept set and the choice are two C++ ops (``kernels/select_cpu.cpp``: one pass per row where the
+torch form needs top-k calls, a scatter and several kernels); the scores and weights stay torch.
 
 Which rows vote: a step that re-routes (a decode step, or any step with ``decode_only`` off)
 makes every live, healthy row a voter. Prefill rows, rows of a step that does not re-route,
