@@ -65,6 +65,18 @@ def test_matches_exact_reference(num_tokens, num_experts, k, alpha, beta, form):
         assert ids.tolist() == reference_ids(logits, k, alpha, beta)
 
 
+def test_more_experts_than_the_packed_key_holds(form):
+    # The torch form packs its ranking into one int64 and refuses what does not fit; the CPU
+    # kernels compare the parts one by one and still choose exactly.
+    logits = skewed_logits(3, 8192, seed=4)
+    if form == "torch form":
+        with pytest.raises(ValueError, match="E=8192"):
+            select_experts(logits, 2, alpha=3.0, beta=None)
+    else:
+        _, ids = select_experts(logits, 2, alpha=3.0, beta=None)
+        assert ids.tolist() == reference_ids(logits, 2, 3.0, None)
+
+
 def test_ties_broken_by_own_logit_then_index():
     # Quantised logits produce many exact ties in bins and in votes.
     g = torch.Generator().manual_seed(0)

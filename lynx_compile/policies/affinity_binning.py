@@ -100,6 +100,10 @@ def kept_experts_torch(rank: torch.Tensor, affinity: torch.Tensor, voters: torch
                        alpha: float, beta: int | None) -> torch.Tensor:
     """``kept_experts`` in static-shaped torch (traced and fused on any device)."""
     num_tokens, num_experts = rank.shape
+    if not packed_key_fits(num_experts, beta):
+        raise ValueError(f"lynx's selector packs (bin, votes, score, index) into one int64 key, which cannot "
+                         f"hold E={num_experts} experts with beta={beta}; off the CPU it supports up to "
+                         f"{_max_packed_experts(beta)} experts")
     limits = _depth_limits(beta)
     voter_count = voters.sum()
     depth = (voter_count <= torch.tensor(limits, device=rank.device)).sum() if limits else voter_count * 0
@@ -121,6 +125,10 @@ def packed_key_fits(num_experts: int, beta: int | None) -> bool:
     """Whether (bin, rank of S, score order, index) fits the int64 key of ``kept_experts``."""
     depth_bits = max(1, vote_depth(2, beta).bit_length())
     return depth_bits + 2 * index_bits(num_experts) + 32 <= 62
+
+
+def _max_packed_experts(beta: int | None) -> int:
+    return max(e for e in (2**b for b in range(1, 16)) if packed_key_fits(e, beta))
 
 
 # --- the oracle -------------------------------------------------------------------------
