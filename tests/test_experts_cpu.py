@@ -130,11 +130,32 @@ def test_fused_reads_only_used_experts(fused):
         assert torch.isfinite(out).all()
 
 
+needs_bf16_dot = pytest.mark.skipif(not experts_cpu_fused.bf16_dot_available(),
+                                    reason="this CPU has no AVX512-BF16 (or LYNX_CPU_BF16_DOT=0)")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("layout,activation,args", CASES)
+@pytest.mark.parametrize("hidden_size,inter_size", SHAPES)
+def test_bf16_dot_kernel_and_the_widened_path_match_reference(fused, monkeypatch, layout, activation, args,
+                                                              hidden_size, inter_size):
+    w = make_experts(layout, 8, hidden_size, inter_size, torch.bfloat16)
+    ids, weights = routing(11, 8, 3, seed=1)
+    hidden = torch.randn(11, hidden_size).to(torch.bfloat16)
+    outs = {}
+    for setting in ("1", "0"):  # vdpbf16ps, then bf16 widened to fp32
+        monkeypatch.setenv(experts_cpu_fused.BF16_DOT_ENV, setting)
+        outs[setting] = check("fused", hidden, ids, weights, w, activation, layout, args)
+    if layout in ("gate_up_concat", "gate_up_split", "up_only"):  # nn.Linear layouts: the dot kernels ran
+        assert not torch.equal(outs["1"], outs["0"])  # the bf16 kernel rounds the activations to bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inter_size", [64, 37])
-def test_fused_rows_do_not_depend_on_other_rows_or_threads(fused, inter_size):
-    w = make_experts("gate_up_concat", 8, 600, inter_size, torch.float32)
+def test_fused_rows_do_not_depend_on_other_rows_or_threads(fused, inter_size, dtype):
+    w = make_experts("gate_up_concat", 8, 600, inter_size, dtype)
     ids, weights = routing(16, 8, 4, seed=4)
-    hidden = torch.randn(16, 600)
+    hidden = torch.randn(16, 600).to(dtype)
     run = experts_cpu_fused.kernel()
     geometry = experts_cpu_fused.weight_geometry(*w, "gate_up_concat", inter_size)
     args = (geometry, "silu", [], inter_size)

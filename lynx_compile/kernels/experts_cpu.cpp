@@ -23,15 +23,19 @@
 // - transposed layouts (so == 1), "axpy" kernel: each input element scales a contiguous weight
 //   row segment; KB weight rows at a time, used by every input row while in L1, into fp32 sums
 //   held in a per-thread buffer.
+// - bf16 weights and input on a CPU with AVX512-BF16: the dot kernel on vdpbf16ps (no widening;
+//   the activations are rounded to bf16 before the down projection, as transformers' bf16
+//   experts do).
 // Either way the weights leave memory once however many rows the expert has, and a row's
 // result never depends on which other rows are present (each sum runs in a fixed order).
-// Tunables (LYNX_DOT_*, LYNX_AXPY_*) were set by benchmarks/experts_cpu.py on AVX2.
+// Tunables (LYNX_DOT_*, LYNX_AXPY_*) were set by benchmarks/experts_cpu.py on AVX2 and on AVX512.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -44,8 +48,12 @@ using at::vec::Vectorized;
 using fVec = Vectorized<float>;
 constexpr int64_t V = fVec::size();
 
-#ifndef LYNX_DOT_NB
+#ifndef LYNX_DOT_NB  // AVX512's 32 vector registers hold a wider tile than AVX2's 16
+#if defined(CPU_CAPABILITY_AVX512)
+#define LYNX_DOT_NB 8
+#else
 #define LYNX_DOT_NB 4
+#endif
 #endif
 #ifndef LYNX_DOT_NB1
 #define LYNX_DOT_NB1 8
@@ -99,11 +107,21 @@ struct Mat {  // one projection's weights, in elements
 
 struct Scratch {  // a thread's accumulators, kept across calls
   std::vector<fVec> dot;
+  std::vector<float> bf16_dot;
   std::vector<float> axpy;
   std::vector<float*> axpy_rows;
 };
 
 // ---- dot kernel (si == 1) -------------------------------------------------------------------
+
+// The next K chunk of the weight rows, asked for while this one is computed: with several rows
+// per expert the arithmetic would otherwise wait for memory, and memory for the arithmetic.
+template <typename T>
+inline void prefetch_chunk(const T* const* w, int n, int64_t k0, int64_t k1) {
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int i = 0; i < n; i++)
+    for (int64_t k = k0; k < k1; k += line) __builtin_prefetch(w[i] + k, 0, 0);
+}
 
 template <typename T, int NB, int RB>
 inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64_t k1, fVec* acc) {
@@ -160,6 +178,7 @@ void dot_group(const T* const* w, const float* const* x, int64_t R, int64_t K, s
   std::fill(acc, acc + R * NB, fVec(0.f));
   for (int64_t k0 = 0; k0 < kv; k0 += DOT_KC) {
     const int64_t k1 = std::min(kv, k0 + DOT_KC);
+    prefetch_chunk(w, NB, k1, std::min(kv, k1 + DOT_KC));
     int64_t r = 0;
     for (; r + RB <= R; r += RB) dot_tile<T, NB, RB>(w, x + r, k0, k1, acc + r * NB);
     if (r < R) dot_tail<T, NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB);
@@ -250,12 +269,109 @@ void axpy_columns(const T* w, int64_t si, const float* const* x, int64_t R, int6
   }
 }
 
+// ---- bf16 dot kernel (si == 1, bf16 weights and inputs, AVX512-BF16) -------------------------
+//
+// vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes in one instruction: no
+// widening of the weights, so a bf16 expert with many rows stays at the memory limit. Same tiles
+// and the same order per (row, weight row) as the dot kernel, so a row's result still never
+// depends on the other rows. Built with a target attribute (the rest of the file keeps
+// Inductor's ISA); run only where the caller found the instructions (torch's CPU check).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LYNX_BF16_DOT 1
+#define LYNX_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+constexpr int64_t BV = 32;  // bf16 elements per vdpbf16ps
+
+template <int NB, int RB>
+LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_t* const* x, int64_t k0, int64_t k1,
+                                         float* acc) {
+  __m512 a[RB][NB];
+  for (int j = 0; j < RB; j++)
+    for (int i = 0; i < NB; i++) a[j][i] = _mm512_loadu_ps(acc + (j * NB + i) * 16);
+  for (int64_t k = k0; k < k1; k += BV) {
+    __m512i wv[NB];
+    for (int i = 0; i < NB; i++) wv[i] = _mm512_loadu_si512(w[i] + k);
+    for (int j = 0; j < RB; j++) {
+      const __m512i xv = _mm512_loadu_si512(x[j] + k);
+      for (int i = 0; i < NB; i++) a[j][i] = _mm512_dpbf16_ps(a[j][i], (__m512bh)wv[i], (__m512bh)xv);
+    }
+  }
+  for (int j = 0; j < RB; j++)
+    for (int i = 0; i < NB; i++) _mm512_storeu_ps(acc + (j * NB + i) * 16, a[j][i]);
+}
+
+template <int NB, int RB>
+LYNX_TARGET_BF16 inline void dpbf16_tail(const uint16_t* const* w, const uint16_t* const* x, int64_t rows, int64_t k0,
+                                         int64_t k1, float* acc) {
+  if constexpr (RB >= 1) {
+    if (rows == RB) dpbf16_tile<NB, RB>(w, x, k0, k1, acc);
+    else dpbf16_tail<NB, RB - 1>(w, x, rows, k0, k1, acc);
+  }
+}
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// dot_group for bf16 inputs: acc holds R * NB vectors of 16 fp32 lanes.
+template <int NB, int RB>
+LYNX_TARGET_BF16 void dpbf16_group(const uint16_t* const* w, const uint16_t* const* x, int64_t R, int64_t K,
+                                   float* acc, float* out, int64_t ldo) {
+  const int64_t kv = K - K % BV;
+  std::fill(acc, acc + R * NB * 16, 0.f);
+  for (int64_t k0 = 0; k0 < kv; k0 += DOT_KC) {
+    const int64_t k1 = std::min(kv, k0 + DOT_KC);
+    prefetch_chunk(w, NB, k1, std::min(kv, k1 + DOT_KC));
+    int64_t r = 0;
+    for (; r + RB <= R; r += RB) dpbf16_tile<NB, RB>(w, x + r, k0, k1, acc + r * NB * 16);
+    if (r < R) dpbf16_tail<NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB * 16);
+  }
+  for (int64_t r = 0; r < R; r++)
+    for (int i = 0; i < NB; i++) {
+      float s = _mm512_reduce_add_ps(_mm512_loadu_ps(acc + (r * NB + i) * 16));
+      for (int64_t k = kv; k < K; k++) s += bf16_to_float(w[i][k]) * bf16_to_float(x[r][k]);
+      out[r * ldo + i] = s;
+    }
+}
+
+template <int NB, int RB>
+LYNX_TARGET_BF16 void dpbf16_columns(const uint16_t* base, int64_t so, int64_t K, int64_t c0, int64_t nc,
+                                     const uint16_t* const* x, int64_t R, float* out, int64_t ldo, float* acc) {
+  int64_t c = 0;
+  for (; c + NB <= nc; c += NB) {
+    const uint16_t* w[NB];
+    for (int i = 0; i < NB; i++) w[i] = base + (c0 + c + i) * so;
+    dpbf16_group<NB, RB>(w, x, R, K, acc, out + c, ldo);
+  }
+  for (; c < nc; c++) {
+    const uint16_t* w[1] = {base + (c0 + c) * so};
+    dpbf16_group<1, 4>(w, x, R, K, acc, out + c, ldo);
+  }
+}
+#endif
+
 // ---- one projection: out[r * ldo + c] = (x[r] @ M_e)[c0 + c], c < nc --------------------------
 
+// ``xb``: the same rows in bf16 where the bf16 dot kernel runs (bf16 weights, si == 1), else null.
 template <typename T>
 void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const float* const* x, int64_t R,
-             float* out, int64_t ldo, Scratch& acc) {
+             float* out, int64_t ldo, Scratch& acc, const uint16_t* const* xb = nullptr) {
   const T* base = static_cast<const T*>(m.base) + e * m.se;
+#ifdef LYNX_BF16_DOT
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (xb != nullptr && m.si == 1) {
+      constexpr int NB = DOT_NB > 8 ? DOT_NB : 8;
+      acc.bf16_dot.resize(std::max<size_t>(acc.bf16_dot.size(), R * std::max(NB, 4) * 16));
+      const uint16_t* wb = reinterpret_cast<const uint16_t*>(base);
+      if (R == 1) dpbf16_columns<NB, 1>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
+      else dpbf16_columns<NB, 2>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
+      return;
+    }
+  }
+#endif
   if (m.si == 1) {  // one row: more weight rows in flight; more rows: reuse each weight load
     if (R == 1) dot_columns<T, DOT_NB1, 1>(base, m.so, K, c0, nc, x, R, out, ldo, acc.dot);
     else dot_columns<T, DOT_NB, DOT_RB>(base, m.so, K, c0, nc, x, R, out, ldo, acc.dot);
@@ -338,6 +454,7 @@ struct Args {
   void* out;
   int64_t out_dtype;
   int64_t threads;
+  bool bf16_dot;  // the caller checked the CPU has AVX512-BF16 and asks for the bf16 dot kernel
 };
 
 template <typename T>
@@ -361,6 +478,7 @@ struct Thread {  // per-thread scratch, kept across calls
   Scratch acc;
   std::vector<float> gate, up, row;
   std::vector<const float*> rows;
+  std::vector<const uint16_t*> rows_bf16;
 };
 
 template <typename T>
@@ -372,6 +490,7 @@ void run(const Args& a) {
   // would be each worker's own copy).
   thread_local std::vector<int64_t> count_v, order_v, slot_pos_v, active_v, start_v;
   thread_local std::vector<float> X_v, A_v, Y_v;
+  thread_local std::vector<c10::BFloat16> Ab_v;
   // Id E is expert parallelism's sentinel (an expert on another rank): sorted last, computed
   // never, summed as nothing.
   count_v.assign(a.E + 2, 0);
@@ -405,6 +524,16 @@ void run(const Args& a) {
   const int64_t* start = start_v.data();
   const int64_t num_active = static_cast<int64_t>(active_v.size());
 
+  // The bf16 dot kernel: gate_up reads the bf16 hidden rows as they are; down reads the
+  // activations rounded to bf16 (transformers' bf16 experts round them there too).
+  bool bf16_dot = false;
+#ifdef LYNX_BF16_DOT
+  bf16_dot = a.bf16_dot && std::is_same_v<T, c10::BFloat16> && a.hidden_dtype == BF16;
+#endif
+  const bool gate_bf16 = bf16_dot && a.gate.si == 1 && a.up.si == 1, down_bf16 = bf16_dot && a.down.si == 1;
+  if (down_bf16) Ab_v.resize(P * I);
+  c10::BFloat16* Ab = Ab_v.data();
+  const uint16_t* hidden_bf16 = static_cast<const uint16_t*>(a.hidden);
   const bool direct_x = a.hidden_dtype == F32;
   if (!direct_x) X_v.resize(a.T * H);
   A_v.resize(P * I);
@@ -437,6 +566,9 @@ void run(const Args& a) {
       const int64_t nj = std::min(gate_block, I - j0);
       th.rows.resize(R);
       for (int64_t r = 0; r < R; r++) th.rows[r] = x_base + (order[s0 + r] / a.k) * x_ld;
+      th.rows_bf16.resize(R);
+      for (int64_t r = 0; r < R; r++) th.rows_bf16[r] = hidden_bf16 + (order[s0 + r] / a.k) * a.hidden_ld;
+      const uint16_t* const* xb = gate_bf16 ? th.rows_bf16.data() : nullptr;
       th.gate.resize(R * 2 * nj);
       th.up.resize(R * nj);
       int64_t ld = nj;
@@ -444,15 +576,15 @@ void run(const Args& a) {
       float* up = th.up.data();
       const bool interleaved = a.gate_form == INTERLEAVED, gated = a.gate_form != UP_ONLY;
       if (interleaved) {  // gate and up alternate: one contiguous block of 2 * nj columns
-        project<T>(a.gate, e, H, a.gate_off + 2 * j0, 2 * nj, th.rows.data(), R, gate, 2 * nj, th.acc);
+        project<T>(a.gate, e, H, a.gate_off + 2 * j0, 2 * nj, th.rows.data(), R, gate, 2 * nj, th.acc, xb);
         for (int64_t r = 0; r < R; r++)
           for (int64_t j = 0; j < nj; j++) {
             up[r * nj + j] = gate[r * 2 * nj + 2 * j + 1];
             gate[r * nj + j] = gate[r * 2 * nj + 2 * j];  // in place: index r*nj+j <= r*2nj+2j
           }
       } else {
-        project<T>(a.gate, e, H, a.gate_off + j0, nj, th.rows.data(), R, gate, ld, th.acc);
-        if (gated) project<T>(a.up, e, H, a.up_off + j0, nj, th.rows.data(), R, up, ld, th.acc);
+        project<T>(a.gate, e, H, a.gate_off + j0, nj, th.rows.data(), R, gate, ld, th.acc, xb);
+        if (gated) project<T>(a.up, e, H, a.up_off + j0, nj, th.rows.data(), R, up, ld, th.acc, xb);
       }
       if (a.b_gate_up && gated) {
         const int64_t step = interleaved ? 2 : 1;
@@ -468,7 +600,8 @@ void run(const Args& a) {
       }
       for (int64_t r = 0; r < R; r++) {
         activate(gate + r * ld, gated ? up + r * ld : nullptr, nj, a.act, a.p0, a.p1);
-        std::copy(gate + r * ld, gate + r * ld + nj, A + (s0 + r) * I + j0);
+        if (down_bf16) std::copy(gate + r * ld, gate + r * ld + nj, Ab + (s0 + r) * I + j0);  // rounds
+        else std::copy(gate + r * ld, gate + r * ld + nj, A + (s0 + r) * I + j0);
       }
     }
     // 2. down (+ bias)
@@ -479,8 +612,10 @@ void run(const Args& a) {
       const int64_t nh = std::min(down_block, H - h0);
       th.rows.resize(R);
       for (int64_t r = 0; r < R; r++) th.rows[r] = A + (s0 + r) * I;
+      th.rows_bf16.resize(R);
+      for (int64_t r = 0; r < R; r++) th.rows_bf16[r] = reinterpret_cast<const uint16_t*>(Ab + (s0 + r) * I);
       float* y = Y + s0 * H + h0;
-      project<T>(a.down, e, I, h0, nh, th.rows.data(), R, y, H, th.acc);
+      project<T>(a.down, e, I, h0, nh, th.rows.data(), R, y, H, th.acc, down_bf16 ? th.rows_bf16.data() : nullptr);
       if (a.b_down)
         for (int64_t r = 0; r < R; r++)
           for (int64_t h = 0; h < nh; h++) y[r * H + h] += bias_at<T>(a.b_down, a.b_down_se, a.b_down_sc, e, h0 + h);
@@ -524,13 +659,13 @@ void kernel(const void* hidden, const int64_t* ids, const float* routed, const v
             int64_t up_se, int64_t up_si, int64_t up_so, int64_t up_off, int64_t gate_form,
             int64_t down_se, int64_t down_si, int64_t down_so, int64_t has_b_gate_up, int64_t b_gate_up_se,
             int64_t b_gate_up_sc, int64_t has_b_down, int64_t b_down_se, int64_t b_down_sc, int64_t act,
-            float p0, float p1, int64_t threads) {
+            float p0, float p1, int64_t threads, int64_t bf16_dot) {
   using namespace lynx_experts;
   Args a{T, H, I, k, E, hidden, hidden_ld, hidden_dtype, ids, routed,
          Mat{w_gate, gate_se, gate_si, gate_so}, Mat{w_up, up_se, up_si, up_so}, Mat{w_down, down_se, down_si, down_so},
          gate_off, up_off, gate_form, has_b_gate_up ? b_gate_up : nullptr, b_gate_up_se, b_gate_up_sc,
          has_b_down ? b_down : nullptr, b_down_se, b_down_sc, act, p0, p1, out, hidden_dtype,
-         std::max<int64_t>(threads, 1)};
+         std::max<int64_t>(threads, 1), bf16_dot != 0};
   if (T == 0) return;
   if (weight_dtype == F32) run<float>(a);
   else if (weight_dtype == BF16) run<c10::BFloat16>(a);

@@ -4,11 +4,13 @@ Built by Inductor's C++ code cache (the compiler, flags and vector ISA Inductor 
 this machine, its on-disk cache under ``TORCHINDUCTOR_CACHE_DIR``), so a second process loads
 the built library in milliseconds. Where it cannot be built (no C++ compiler, an Inductor
 without this API) ``kernel()`` returns None once, with a warning, and callers use the torch
-path. ``LYNX_CPU_FUSED_EXPERTS=0`` turns it off.
+path. ``LYNX_CPU_FUSED_EXPERTS=0`` turns it off; ``LYNX_CPU_BF16_DOT=0`` keeps bf16 experts off
+the AVX512-BF16 dot products.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -20,6 +22,7 @@ import torch
 from .experts_ref import ACTIVATIONS
 
 DISABLE_ENV = "LYNX_CPU_FUSED_EXPERTS"
+BF16_DOT_ENV = "LYNX_CPU_BF16_DOT"
 SOURCE = Path(__file__).with_name("experts_cpu.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ACTIVATION_CODES = {  # experts_cpu.cpp's enum Act
@@ -32,7 +35,7 @@ assert set(ACTIVATION_CODES) == set(ACTIVATIONS)
 _ARGTYPES = (
     ["const void*", "const int64_t*", "const float*", "const void*", "const void*", "const void*", "const void*",
      "const void*", "void*"]
-    + ["int64_t"] * 27 + ["float", "float", "int64_t"]
+    + ["int64_t"] * 27 + ["float", "float", "int64_t", "int64_t"]
 )
 _lock = threading.Lock()
 _UNBUILT = object()
@@ -56,6 +59,18 @@ def _build() -> Callable | None:
         warnings.warn(f"lynx: the fused CPU experts kernel could not be built ({build_error}); "
                       "using the slower torch path", RuntimeWarning, stacklevel=4)
         return None
+
+
+@functools.cache
+def _cpu_has_bf16_dot() -> bool:
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def bf16_dot_available() -> bool:
+    """Whether bf16 experts take the kernel's vdpbf16ps path: the CPU has AVX512-BF16 (torch's own
+    check) and ``LYNX_CPU_BF16_DOT=0`` does not turn it off. Elsewhere bf16 weights are widened to
+    fp32 in registers."""
+    return os.environ.get(BF16_DOT_ENV, "1") != "0" and _cpu_has_bf16_dot()
 
 
 def kernel() -> Callable | None:
@@ -124,6 +139,7 @@ def fused_experts(
             w_gate_up if b_gate_up is None else b_gate_up, w_gate_up if b_down is None else b_down, out,
             num_tokens, hidden_size, inter_size, ids.shape[1], w_gate_up.shape[0], hidden.stride(0),
             DTYPE_CODES[hidden.dtype], *geometry, ACTIVATION_CODES[activation], float(p0), float(p1), threads,
+            int(hidden.dtype == torch.bfloat16 and bf16_dot_available()),
         )
     except RuntimeError as e:  # the kernel's own checks (expert ids in range)
         raise ValueError(f"lynx::grouped_experts: {e}") from None
