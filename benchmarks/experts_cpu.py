@@ -192,7 +192,8 @@ def machine_lines(threads: int) -> list[str]:
         f"- machine: {info['cpu']}, {info['cores_available']} cores available, {threads} threads, "
         f"ISA {torch.backends.cpu.get_cpu_capability()} (bf16/AMX flags: {info['bf16_flags']}), caches {info['caches']}",
         f"- torch {info['torch']}, transformers {info['transformers']}, Python {info['python']}; "
-        f"fused kernel: {'built' if experts_cpu_fused.kernel() else 'unavailable: ' + str(experts_cpu_fused.build_error)}",
+        f"fused kernel: {'built' if experts_cpu_fused.kernel() else 'unavailable: ' + str(experts_cpu_fused.build_error)}"
+        f"; bf16 experts: {'vdpbf16ps' if experts_cpu_fused.bf16_dot_available() else 'widened to fp32'}",
     ]
 
 

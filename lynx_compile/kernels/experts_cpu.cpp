@@ -114,13 +114,16 @@ struct Scratch {  // a thread's accumulators, kept across calls
 
 // ---- dot kernel (si == 1) -------------------------------------------------------------------
 
-// The next K chunk of the weight rows, asked for while this one is computed: with several rows
-// per expert the arithmetic would otherwise wait for memory, and memory for the arithmetic.
+// The next K chunk of the n weight rows (after the last one: the first chunk of the n rows that
+// follow, so apart), asked for while this one is computed: with several rows per expert the
+// arithmetic would otherwise wait for memory, and memory for the arithmetic. A prefetch past
+// the weights is harmless (it never faults).
 template <typename T>
-inline void prefetch_chunk(const T* const* w, int n, int64_t k0, int64_t k1) {
+inline void prefetch_ahead(const T* const* w, int n, int64_t so, int64_t k1, int64_t kv, int64_t chunk) {
   constexpr int64_t line = 64 / sizeof(T);
+  const int64_t shift = k1 < kv ? 0 : n * so, from = k1 < kv ? k1 : 0, to = std::min(kv, from + chunk);
   for (int i = 0; i < n; i++)
-    for (int64_t k = k0; k < k1; k += line) __builtin_prefetch(w[i] + k, 0, 0);
+    for (int64_t k = from; k < to; k += line) __builtin_prefetch(w[i] + shift + k, 0, 0);
 }
 
 template <typename T, int NB, int RB>
@@ -171,14 +174,14 @@ inline void reduce_lanes(const fVec* acc, int n, float* out) {
 // of NB weight rows x RB input rows.
 template <typename T, int NB, int RB>
 void dot_group(const T* const* w, const float* const* x, int64_t R, int64_t K, std::vector<fVec>& acc_buf,
-               float* out, int64_t ldo) {
+               float* out, int64_t ldo, int64_t so) {
   const int64_t kv = K - K % V;
   acc_buf.resize(std::max<size_t>(acc_buf.size(), R * NB));
   fVec* acc = acc_buf.data();
   std::fill(acc, acc + R * NB, fVec(0.f));
   for (int64_t k0 = 0; k0 < kv; k0 += DOT_KC) {
     const int64_t k1 = std::min(kv, k0 + DOT_KC);
-    prefetch_chunk(w, NB, k1, std::min(kv, k1 + DOT_KC));
+    prefetch_ahead(w, NB, so, k1, kv, DOT_KC);
     int64_t r = 0;
     for (; r + RB <= R; r += RB) dot_tile<T, NB, RB>(w, x + r, k0, k1, acc + r * NB);
     if (r < R) dot_tail<T, NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB);
@@ -204,11 +207,11 @@ void dot_columns(const T* base, int64_t so, int64_t K, int64_t c0, int64_t nc, c
   for (; c + NB <= nc; c += NB) {
     const T* w[NB];
     for (int i = 0; i < NB; i++) w[i] = base + (c0 + c + i) * so;
-    dot_group<T, NB, RB>(w, x, R, K, acc, out + c, ldo);
+    dot_group<T, NB, RB>(w, x, R, K, acc, out + c, ldo, so);
   }
   for (; c < nc; c++) {
     const T* w[1] = {base + (c0 + c) * so};
-    dot_group<T, 1, 4>(w, x, R, K, acc, out + c, ldo);
+    dot_group<T, 1, 4>(w, x, R, K, acc, out + c, ldo, so);
   }
 }
 
@@ -281,6 +284,8 @@ void axpy_columns(const T* w, int64_t si, const float* const* x, int64_t R, int6
 #define LYNX_BF16_DOT 1
 #define LYNX_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 constexpr int64_t BV = 32;  // bf16 elements per vdpbf16ps
+constexpr int64_t BF16_KC = 1024;  // K chunk: the dot kernel's in bytes
+constexpr int BF16_NB = 8, BF16_RB = 2;  // weight rows x input rows per tile (4x4, 4x6, 16x1: no faster)
 
 template <int NB, int RB>
 LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_t* const* x, int64_t k0, int64_t k1,
@@ -319,12 +324,12 @@ inline float bf16_to_float(uint16_t v) {
 // dot_group for bf16 inputs: acc holds R * NB vectors of 16 fp32 lanes.
 template <int NB, int RB>
 LYNX_TARGET_BF16 void dpbf16_group(const uint16_t* const* w, const uint16_t* const* x, int64_t R, int64_t K,
-                                   float* acc, float* out, int64_t ldo) {
+                                   float* acc, float* out, int64_t ldo, int64_t so) {
   const int64_t kv = K - K % BV;
   std::fill(acc, acc + R * NB * 16, 0.f);
-  for (int64_t k0 = 0; k0 < kv; k0 += DOT_KC) {
-    const int64_t k1 = std::min(kv, k0 + DOT_KC);
-    prefetch_chunk(w, NB, k1, std::min(kv, k1 + DOT_KC));
+  for (int64_t k0 = 0; k0 < kv; k0 += BF16_KC) {
+    const int64_t k1 = std::min(kv, k0 + BF16_KC);
+    prefetch_ahead(w, NB, so, k1, kv, BF16_KC);
     int64_t r = 0;
     for (; r + RB <= R; r += RB) dpbf16_tile<NB, RB>(w, x + r, k0, k1, acc + r * NB * 16);
     if (r < R) dpbf16_tail<NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB * 16);
@@ -344,11 +349,11 @@ LYNX_TARGET_BF16 void dpbf16_columns(const uint16_t* base, int64_t so, int64_t K
   for (; c + NB <= nc; c += NB) {
     const uint16_t* w[NB];
     for (int i = 0; i < NB; i++) w[i] = base + (c0 + c + i) * so;
-    dpbf16_group<NB, RB>(w, x, R, K, acc, out + c, ldo);
+    dpbf16_group<NB, RB>(w, x, R, K, acc, out + c, ldo, so);
   }
   for (; c < nc; c++) {
     const uint16_t* w[1] = {base + (c0 + c) * so};
-    dpbf16_group<1, 4>(w, x, R, K, acc, out + c, ldo);
+    dpbf16_group<1, 4>(w, x, R, K, acc, out + c, ldo, so);
   }
 }
 #endif
@@ -363,11 +368,10 @@ void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const f
 #ifdef LYNX_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (xb != nullptr && m.si == 1) {
-      constexpr int NB = DOT_NB > 8 ? DOT_NB : 8;
-      acc.bf16_dot.resize(std::max<size_t>(acc.bf16_dot.size(), R * std::max(NB, 4) * 16));
+      acc.bf16_dot.resize(std::max<size_t>(acc.bf16_dot.size(), R * BF16_NB * 16));
       const uint16_t* wb = reinterpret_cast<const uint16_t*>(base);
-      if (R == 1) dpbf16_columns<NB, 1>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
-      else dpbf16_columns<NB, 2>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
+      if (R == 1) dpbf16_columns<BF16_NB, 1>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
+      else dpbf16_columns<BF16_NB, BF16_RB>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
       return;
     }
   }
@@ -541,8 +545,10 @@ void run(const Args& a) {
   float* X = X_v.data();
   float* A = A_v.data();
   float* Y = Y_v.data();
-  const int64_t gate_block = a.gate.si == 1 ? DOT_GATE_BLOCK : AXPY_GATE_BLOCK;
-  const int64_t down_block = a.down.si == 1 ? DOT_DOWN_BLOCK : AXPY_DOWN_BLOCK;
+  // dot items of the same bytes whatever the weights' dtype (16-bit weights: twice the columns)
+  constexpr int64_t widen = sizeof(float) / sizeof(T);
+  const int64_t gate_block = a.gate.si == 1 ? DOT_GATE_BLOCK * widen : AXPY_GATE_BLOCK;
+  const int64_t down_block = a.down.si == 1 ? DOT_DOWN_BLOCK * widen : AXPY_DOWN_BLOCK;
   const int64_t gate_blocks = (I + gate_block - 1) / gate_block;
   const int64_t down_blocks = (H + down_block - 1) / down_block;
   const float* x_base = direct_x ? static_cast<const float*>(a.hidden) : X;
