@@ -5,8 +5,9 @@ synchronisation: router scores under the router's rule (``policies.rules``), the
 set from the voters under a policy (``policies``), each token's best experts inside it, the
 router's own weights. The ``lynx::select_experts`` op runs it eagerly and Inductor traces it
 into the compiled graph (``backend.py``), where it fuses with the code around it. On CPU the
-kept set and the choice are two C++ ops (``kernels/select_cpu.cpp``: one pass per row where the
-torch form needs top-k calls, a scatter and several kernels); the scores and weights stay torch.
+kept set and the choice are C++ ops (``kernels/select_cpu.cpp``: one pass per row where the
+torch form needs top-k calls, a scatter and several kernels; policy lynx both in one op); the
+scores and weights stay torch.
 
 Which rows vote: a step that re-routes (a decode step, or any step with ``decode_only`` off)
 makes every live, healthy row a voter. Prefill rows, rows of a step that does not re-route,
@@ -26,7 +27,8 @@ import torch
 from .policies import get_policy
 from .policies.affinity_binning import reference_choice
 from .policies.ep_cap import cap_per_rank, check_ep_ranks
-from .policies.rules import RouterRule, check_rule, finish, healthy_rows, router_scores, rule_weights
+from .policies.rules import (RouterRule, check_rule, finish, healthy_rows, needs_plain_mass, router_scores,
+                             rule_weights, weigh)
 
 _UNSET = object()
 
@@ -49,8 +51,14 @@ def route(logits: torch.Tensor, score_bias: torch.Tensor | None, top_k: int, rul
         return (*finish(logits, rank, kept, voters, healthy, top_k, rule), voters)
     confined = healthy & rerouting
     voters = confined if live is None else confined & live
-    kept = get_policy(policy).kept(logits, rank, affinity, voters, top_k, rule, **knobs)
     capped = ep_ranks is not None and ep_ranks > 1
+    selection = get_policy(policy)
+    if not capped:
+        choice = selection.kept_and_choice(rank, affinity, voters, confined, healthy, top_k, needs_plain_mass(rule),
+                                           **knobs)
+        if choice is not None:
+            return (*weigh(logits, rank, choice, top_k, rule), voters)
+    kept = selection.kept(logits, rank, affinity, voters, top_k, rule, **knobs)
     if capped:
         kept = cap_per_rank(kept, rank, voters, top_k, ep_ranks)
     return (*finish(logits, rank, kept, confined, healthy, top_k, rule, refill=capped), voters)

@@ -1,5 +1,6 @@
 """The selector's CPU kernels (kernels/select_cpu.cpp) against the torch form they replace:
-the same kept set and the same choice, bit for bit, on the inputs that stress the tie rules."""
+the same kept set and the same choice (apart, and in one op), bit for bit, on the inputs that
+stress the tie rules."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def test_kernels_equal_the_torch_form(chunk):
         kept = affinity_binning.kept_experts_torch(rank, affinity, voters, top_k, alpha, beta)
         assert torch.equal(torch.ops.lynx.affinity_kept(rank, affinity, voters, top_k, alpha, limits), kept), case
         confined = healthy & (torch.rand(num_tokens, generator=g) < 0.8)
+        for with_plain in (False, True):
+            together = torch.ops.lynx.affinity_choose(rank, affinity, voters, confined, healthy, top_k, alpha, limits,
+                                                      with_plain)
+            apart = rules.choose_in_kept(rank, kept, confined, healthy, top_k, False, with_plain)
+            assert all(torch.equal(a, b) for a, b in zip(together, apart)), (case, with_plain)
         for refill, with_plain in itertools.product((False, True), (False, True)):
             want = rules.choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
             got = torch.ops.lynx.choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
@@ -74,13 +80,16 @@ def test_selector_runs_the_kernels_on_cpu():
 
     from lynx_compile import select_experts
 
-    def targets(enabled):
+    def targets(enabled, **kw):
         select_cpu.enabled = enabled
         try:
-            gm = make_fx(lambda x: select_experts(x, 4, alpha=3.0, beta=2))(torch.randn(8, 32))
+            gm = make_fx(lambda x: select_experts(x, 4, alpha=3.0, beta=2, **kw))(torch.randn(8, 32))
         finally:
             select_cpu.enabled = True
         return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
-    assert {"lynx.affinity_kept.default", "lynx.choose_in_kept.default"} <= targets(True)
-    assert not any(t.startswith("lynx.") for t in targets(False))
+    lynx_ops = lambda names: {t for t in names if t.startswith("lynx.")}  # noqa: E731
+    assert lynx_ops(targets(True)) == {"lynx.affinity_choose.default"}
+    # with an expert-parallel cap between the kept set and the choice: the two steps
+    assert lynx_ops(targets(True, ep_ranks=2)) == {"lynx.affinity_kept.default", "lynx.choose_in_kept.default"}
+    assert not lynx_ops(targets(False))

@@ -176,9 +176,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> choose_in_kept(const at::Tensor& 
   return {ids, valid, plain};
 }
 
+// Both in one call (policy lynx, no expert-parallel cap): one dispatch per layer instead of two.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_choose(const at::Tensor& rank, const at::Tensor& affinity,
+                                                               const at::Tensor& voters, const at::Tensor& confined,
+                                                               const at::Tensor& healthy, int64_t top_k, double alpha,
+                                                               at::IntArrayRef depth_limits, bool with_plain) {
+  const at::Tensor kept = affinity_kept(rank, affinity, voters, top_k, alpha, depth_limits);
+  return choose_in_kept(rank, kept, confined, healthy, top_k, false, with_plain);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lynx, CPU, m) {
   m.impl("affinity_kept", &affinity_kept);
   m.impl("choose_in_kept", &choose_in_kept);
+  m.impl("affinity_choose", &affinity_choose);
 }

@@ -1,8 +1,9 @@
 """The selector's choice steps as two CPU ops (``select_cpu.cpp``): schemas, fakes, build.
 
 ``lynx::affinity_kept`` is ``policies.affinity_binning.kept_experts`` and ``lynx::choose_in_kept``
-the choice of ``policies.rules.finish`` (plus the plain top-k the plain-mass weights need), each
-one ATen op with a C++ CPU kernel: a compiled graph calls them as it calls ``aten.topk``, where
+the choice of ``policies.rules.finish`` (plus the plain top-k the plain-mass weights need);
+``lynx::affinity_choose`` is both in one call (policy lynx without an expert-parallel cap). Each
+is one ATen op with a C++ CPU kernel: a compiled graph calls them as it calls ``aten.topk``, where
 the torch form costs two top-k calls, an ``index_put`` and several fused kernels with barriers
 (``benchmarks/selector.py``). The torch form stays for other devices and as the definition the
 tests hold these kernels to.
@@ -32,17 +33,30 @@ _lib.define("choose_in_kept(Tensor rank, Tensor kept, Tensor confined, Tensor he
             "bool with_plain) -> (Tensor, Tensor, Tensor)")
 
 
+_lib.define("affinity_choose(Tensor rank, Tensor affinity, Tensor voters, Tensor confined, Tensor healthy, "
+            "int top_k, float alpha, int[] depth_limits, bool with_plain) -> (Tensor, Tensor, Tensor)")
+
+
 @torch.library.register_fake("lynx::affinity_kept", lib=_lib)
 def _(rank, affinity, voters, top_k, alpha, depth_limits):
     return rank.new_empty((rank.shape[1],), dtype=torch.bool)
 
 
-@torch.library.register_fake("lynx::choose_in_kept", lib=_lib)
-def _(rank, kept, confined, healthy, top_k, refill, with_plain):
+def _choice_like(rank, top_k, with_plain):
     num_tokens = rank.shape[0]
     return (rank.new_empty((num_tokens, top_k), dtype=torch.int64),
             rank.new_empty((num_tokens, top_k), dtype=torch.bool),
             rank.new_empty((num_tokens, top_k if with_plain else 0), dtype=torch.int64))
+
+
+@torch.library.register_fake("lynx::choose_in_kept", lib=_lib)
+def _(rank, kept, confined, healthy, top_k, refill, with_plain):
+    return _choice_like(rank, top_k, with_plain)
+
+
+@torch.library.register_fake("lynx::affinity_choose", lib=_lib)
+def _(rank, affinity, voters, confined, healthy, top_k, alpha, depth_limits, with_plain):
+    return _choice_like(rank, top_k, with_plain)
 
 
 enabled = True  # tests switch it off to run the torch form on CPU

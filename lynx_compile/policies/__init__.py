@@ -54,6 +54,10 @@ class Policy:
     kept: Callable  # (logits, rank, affinity, voters, top_k, rule, **knobs) -> [E] bool
     lower: Callable[[int], dict] = lambda top_k: {}  # knob -> smallest valid value given top_k
     note: Callable[[dict], str] = lambda knobs: ""  # what the report should add about the knobs
+    # The kept set and each row's choice in it in one call where the policy has a faster form:
+    # (rank, affinity, voters, confined, healthy, top_k, with_plain, **knobs) -> the choice
+    # ``rules.finish`` makes, or None (then ``kept`` and ``finish``)
+    kept_and_choice: Callable = lambda *args, **knobs: None
 
     def check_against(self, knobs: Mapping[str, object], top_k: int, num_experts: int) -> None:
         """Knob errors that depend on the router's size (e.g. OEA's k0 <= k)."""
@@ -126,7 +130,8 @@ POLICIES: dict[str, Policy] = {
         Knob("alpha", _positive_finite, "a number > 0, finite in fp32 (bins are 1/alpha logits wide)"),
         Knob("beta", _clamp_depth, "an int in [1, 64] (deepest bin) or None for no clamp", required=False,
              integer=True),
-    ), _lynx_kept, note=lambda knobs: affinity_binning.depth_note(knobs.get("beta"))),
+    ), _lynx_kept, note=lambda knobs: affinity_binning.depth_note(knobs.get("beta")),
+        kept_and_choice=affinity_binning.kept_and_choice),
     "oea": Policy("oea", (
         Knob("k0", _positive_int, "an int in [1, k]: the experts every token keeps", integer=True,
              upper=lambda top_k, num_experts: top_k),

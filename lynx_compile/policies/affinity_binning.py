@@ -96,6 +96,16 @@ def kept_experts(rank: torch.Tensor, affinity: torch.Tensor, voters: torch.Tenso
     return kept_experts_torch(rank, affinity, voters, top_k, alpha, beta)
 
 
+def kept_and_choice(rank: torch.Tensor, affinity: torch.Tensor, voters: torch.Tensor, confined: torch.Tensor,
+                    healthy: torch.Tensor, top_k: int, with_plain: bool, *, alpha: float, beta: int | None):
+    """``kept_experts`` and then ``rules.finish``'s choice in it, as one C++ op on CPU:
+    ``(ids, valid, plain ids or [T, 0])``; None elsewhere (the caller runs the two steps)."""
+    if not select_cpu.use_for(rank):
+        return None
+    return torch.ops.lynx.affinity_choose(rank, affinity, voters, confined, healthy, top_k, alpha,
+                                          list(_depth_limits(beta)), with_plain)
+
+
 def kept_experts_torch(rank: torch.Tensor, affinity: torch.Tensor, voters: torch.Tensor, top_k: int,
                        alpha: float, beta: int | None) -> torch.Tensor:
     """``kept_experts`` in static-shaped torch (traced and fused on any device)."""

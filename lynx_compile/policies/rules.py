@@ -232,12 +232,18 @@ def finish(logits: torch.Tensor, rank: torch.Tensor, kept: torch.Tensor, confine
     Returns ``(weights fp32, ids int64)``, both ``[T, top_k]``. On CPU the choice is one C++ op
     (``kernels/select_cpu.cpp``); elsewhere ``choose_in_kept``.
     """
-    with_plain = _needs_plain_mass(rule)
+    with_plain = needs_plain_mass(rule)
     if select_cpu.use_for(rank):
-        ids, valid, plain = torch.ops.lynx.choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
+        choice = torch.ops.lynx.choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
     else:
-        ids, valid, plain = choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
-    return rule_weights(logits, rank, ids, valid, top_k, rule, plain if with_plain else None), ids
+        choice = choose_in_kept(rank, kept, confined, healthy, top_k, refill, with_plain)
+    return weigh(logits, rank, choice, top_k, rule)
+
+
+def weigh(logits: torch.Tensor, rank: torch.Tensor, choice, top_k: int, rule: RouterRule):
+    """``(weights fp32, ids)`` of a choice ``(ids, valid, plain ids or [T, 0])``."""
+    ids, valid, plain = choice
+    return rule_weights(logits, rank, ids, valid, top_k, rule, plain if needs_plain_mass(rule) else None), ids
 
 
 def choose_in_kept(rank: torch.Tensor, kept: torch.Tensor, confined: torch.Tensor, healthy: torch.Tensor,
@@ -256,7 +262,7 @@ def choose_in_kept(rank: torch.Tensor, kept: torch.Tensor, confined: torch.Tenso
     return ids, valid, plain
 
 
-def _needs_plain_mass(rule: RouterRule) -> bool:
+def needs_plain_mass(rule: RouterRule) -> bool:
     """Whether ``rule_weights`` rescales to the plain top-k's probability mass."""
     return rule.scoring == "softmax" and not rule.renormalize and not rule.softmax_after_topk
 
