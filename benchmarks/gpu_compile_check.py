@@ -107,6 +107,15 @@ def experts_launches():
                     [1.702, 1.5] if act == "swiglu_oai" else [])
             for config in (default_config(t, k, e, h, i, dtype.itemsize, torch.device("cuda", 0), interpreted=False), small):
                 yield f"test {dtype} {layout} {act}", args, dict(config=config)
+    # The post-expert norm (MuseSpark): the down GEMM weighing by 1, then the per-row norm kernel, at the
+    # tests' shape in every dtype and at MuseSpark's hidden size (4096: one 4096-wide block per row) in bf16.
+    for dtype, (e, h, i, t, k) in [*((d, (8, 48, 40, 5, 2)) for d in (torch.float32, torch.float16, torch.bfloat16)),
+                                   (torch.bfloat16, (8, 4096, 1024, 16, 8))]:
+        args = (torch.empty(t, h, dtype=dtype), torch.zeros(t, k, dtype=torch.int64), torch.empty(t, k),
+                torch.empty(e, 2 * i, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype), None, None, None, "silu",
+                "gate_up_concat", [], torch.empty(h, dtype=dtype), "input_scaled_rms", [1e-8])
+        for config in (default_config(t, k, e, h, i, dtype.itemsize, torch.device("cuda", 0), interpreted=False), small):
+            yield f"test {dtype} post norm H={h}", args, dict(config=config)
 
 
 def main():

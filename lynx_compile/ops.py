@@ -16,7 +16,7 @@ import torch
 
 from . import capture
 from .kernels.experts_cpu import grouped_experts_cpu
-from .kernels.experts_ref import check_experts_args, grouped_experts_reference
+from .kernels.experts_ref import check_experts_args, check_post_norm, grouped_experts_reference
 from .policies import get_policy
 from .policies.rules import RouterRule
 from .selector import route
@@ -106,33 +106,40 @@ def grouped_experts_op(
     activation: str,
     layout: str,
     activation_args: list[float],
+    post_norm_weight: torch.Tensor | None = None,
+    post_norm: str = "none",
+    post_norm_args: list[float] | None = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``.
+    """``out[t] = sum_j topk_weights[t, j] * norm(expert_{topk_ids[t, j]}(hidden[t]))``.
 
     MLP experts (gated, or an up projection alone) stored as ``layout`` describes (``kernels/experts_ref.py``). Output has
     ``hidden``'s dtype and shape. An id equal to the number of experts in the weights is an
-    empty slot (expert parallelism: the expert lives on another rank) and adds nothing. This default implementation serves devices without a
-    specialised kernel.
+    empty slot (expert parallelism: the expert lives on another rank) and adds nothing. ``norm``:
+    the post-expert norm ``post_norm`` with its weight and ``post_norm_args`` (``experts_ref.POST_NORMS``;
+    by default none). This default implementation serves devices without a specialised kernel.
     """
     capture.record_dispatch(topk_ids, w_gate_up.shape[0])
     return grouped_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up,
-                                     b_gate_up, b_down, activation, layout, activation_args)
+                                     b_gate_up, b_down, activation, layout, activation_args,
+                                     post_norm_weight, post_norm, post_norm_args)
 
 
 @grouped_experts_op.register_kernel("cpu")
-def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args,
+      post_norm_weight=None, post_norm="none", post_norm_args=None):
     capture.record_dispatch(topk_ids, w_gate_up.shape[0])
     return grouped_experts_cpu(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up,
-                               b_down, activation, layout, activation_args)
+                               b_down, activation, layout, activation_args, post_norm_weight, post_norm, post_norm_args)
 
 
 @grouped_experts_op.register_kernel("cuda")
-def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args,
+      post_norm_weight=None, post_norm="none", post_norm_args=None):
     capture.record_dispatch(topk_ids, w_gate_up.shape[0])
     kernels = _cuda_kernels()
     run = kernels.grouped_experts_triton if kernels else grouped_experts_reference
     return run(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-               activation, layout, activation_args)
+               activation, layout, activation_args, post_norm_weight, post_norm, post_norm_args)
 
 
 @functools.cache
@@ -146,6 +153,8 @@ def _cuda_kernels():
 
 
 @grouped_experts_op.register_fake
-def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args):
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args,
+      post_norm_weight=None, post_norm="none", post_norm_args=None):
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
+    check_post_norm(post_norm, post_norm_weight, list(post_norm_args or ()), hidden.shape[-1])
     return torch.empty_like(hidden)

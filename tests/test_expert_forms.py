@@ -42,11 +42,13 @@ def typical_magnitude(block, hidden) -> float:
 
 
 def run_lynx(block, hidden, monkeypatch):
-    """(lynx's output, eager's output, the report, the (activation, layout, args) of each op call)."""
+    """(lynx's output, eager's output, the report, the (activation, layout, args) of each op call,
+    followed by (post_norm, post_norm_args) where the op is given a post-expert norm)."""
     calls = []
 
     def recording(*args):
-        calls.append((args[8], args[9], list(args[10])))
+        post_norm = (args[12], list(args[13])) if len(args) > 11 and args[12] != "none" else ()
+        calls.append((args[8], args[9], list(args[10]), *post_norm))
         return grouped_experts_cpu(*args)
 
     monkeypatch.setattr(lynx_compile.ops, "grouped_experts_cpu", recording)
@@ -170,3 +172,62 @@ def test_triton_skips_the_sentinel(layout, activation, args):
     out = grouped_experts_triton(hidden, ids, weights, *w, activation, layout, args,
                                  out=torch.full_like(hidden, float("nan")))
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
+# --- a post-expert norm: MuseSpark ---------------------------------------------------------
+
+def muse_spark_block(implementation, dtype):
+    """MuseSpark's first MoE block in ``dtype``, its post-expert norm with a random weight and an
+    eps of about the expert rows' mean square (so that it matters); and an input for it."""
+    block, _ = first_block("muse_spark", implementation)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, block.config.hidden_size, generator=g)
+    experts, norm = block.experts, block.experts.post_expert_norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=g) * 0.5)
+        x = block.pre_expert_norm(block.pre_expert_proj(hidden.view(-1, hidden.shape[-1])))
+        gate, up = (x @ experts.gate_up_proj[0].T).chunk(2, dim=-1)
+        rows = (experts.act_fn(gate) * up) @ experts.down_proj[0].T  # expert 0's rows
+    norm.eps = float(rows.pow(2).mean(-1).median())
+    return block.to(dtype), hidden.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_post_expert_norm_matches_eager(implementation, dtype, monkeypatch):
+    block, hidden = muse_spark_block(implementation, dtype)
+    out, expected, report, calls = run_lynx(block, hidden, monkeypatch)
+    assert [(m.layout, m.activation) for m in report.matched] == [("gate_up_concat", "silu")], report.unmatched
+    assert "post-expert norm input_scaled_rms" in report.matched[0].dispatch
+    eps = block.experts.post_expert_norm.eps
+    assert calls and all(call == ("silu", "gate_up_concat", [], "input_scaled_rms", [eps]) for call in calls)
+    err, scale = (out.float() - expected.float()).abs().max(), expected.float().abs().max()
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-2) * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+def _norm_then_scale(self, x):  # MuseSpark's centered RMS norm order: normalise, then scale
+    return (self._norm(x.float()) * (1.0 + self.weight).float()).type_as(x)
+
+
+def _pow_root(self, x):  # the input-scaled norm with pow(-0.5) in place of rsqrt
+    z = (x.float() * (1.0 + self.weight).float()).type_as(x).float()
+    return (z * (z.pow(2).mean(-1, keepdim=True) + self.eps).pow(-0.5)).type_as(x)
+
+
+def _unrounded(self, x):  # the input-scaled norm without rounding the scaled rows to x's dtype
+    return self._norm(x.float() * (1.0 + self.weight).float()).type_as(x)
+
+
+@pytest.mark.parametrize("dtype,variant,reason", [
+    (torch.float32, _norm_then_scale, "nor normed first by a known post-expert norm: input_scaled_rms"),
+    (torch.float32, _pow_root, "input_scaled_rms: the shifted mean square is not taken to rsqrt"),
+    (torch.bfloat16, _unrounded, "input_scaled_rms: the scaled rows are not rounded to torch.bfloat16"),
+])
+def test_post_expert_norm_variant_left_unchanged_with_reason(dtype, variant, reason, monkeypatch):
+    block, hidden = muse_spark_block("grouped_mm", dtype)
+    monkeypatch.setattr(type(block.experts.post_expert_norm), "forward", variant)
+    out, expected, report, calls = run_lynx(block, hidden, monkeypatch)
+    assert report.matched == [] and calls == []
+    assert any("experts dispatch not recognised" in u.reason and reason in u.reason for u in report.unmatched), \
+        [u.reason for u in report.unmatched]
+    assert torch.equal(out, expected)

@@ -15,6 +15,7 @@ import lynx_compile  # noqa: F401  (registers torch.ops.lynx)
 from lynx_compile.kernels import experts_cpu, experts_cpu_fused
 from lynx_compile.kernels.experts_cpu import choose_path, grouped_experts_cpu
 from test_ops import experts as make_experts  # (w_gate_up, w_down, w_up, b_gate_up, b_down) for a layout
+from test_ops import post_norm  # (post_norm_weight, post_norm, post_norm_args)
 from lynx_compile.kernels.experts_ref import grouped_experts_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -53,9 +54,9 @@ def tolerance(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
 
-def check(path, hidden, ids, weights, w, activation, layout, args, **kw):
-    out = grouped_experts_cpu(hidden, ids, weights, *w, activation, layout, args, path=path)
-    ref = grouped_experts_reference(hidden, ids, weights, *w, activation, layout, args)
+def check(path, hidden, ids, weights, w, activation, layout, args, norm=(None, "none", []), **kw):
+    out = grouped_experts_cpu(hidden, ids, weights, *w, activation, layout, args, *norm, path=path)
+    ref = grouped_experts_reference(hidden, ids, weights, *w, activation, layout, args, *norm)
     assert out.dtype == hidden.dtype and out.shape == hidden.shape
     torch.testing.assert_close(out, ref, **(kw or tolerance(hidden.dtype)))
     return out
@@ -76,6 +77,18 @@ def test_grouped_mm_matches_reference(layout, activation, args, dtype):
     w = make_experts(layout, 8, 44, 20, dtype)
     ids, weights = routing(11, 8, 3, seed=1)
     check("grouped_mm", torch.randn(11, 44).to(dtype), ids, weights, w, activation, layout, args)
+
+
+@pytest.mark.parametrize("path", ["fused", "grouped_mm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,activation,args", [CASES[0], CASES[6], CASES[-2]])
+@pytest.mark.parametrize("hidden_size,inter_size", SHAPES)
+def test_post_norm_matches_reference(fused, path, layout, activation, args, dtype, hidden_size, inter_size):
+    w = make_experts(layout, 8, hidden_size, inter_size, dtype)
+    ids, weights = routing(11, 8, 3, seed=1)
+    ids[0, 1] = 8  # one slot on another rank
+    norm = post_norm(hidden_size, dtype, eps=1e-3)
+    check(path, torch.randn(11, hidden_size).to(dtype), ids, weights, w, activation, layout, args, norm)
 
 
 @pytest.mark.parametrize("layout,activation,args", [CASES[0], CASES[5], CASES[6], CASES[-2]])
@@ -159,11 +172,13 @@ def test_fused_rows_do_not_depend_on_other_rows_or_threads(fused, inter_size, dt
     run = experts_cpu_fused.kernel()
     geometry = experts_cpu_fused.weight_geometry(*w, "gate_up_concat", inter_size)
     args = (geometry, "silu", [], inter_size)
-    full = experts_cpu_fused.fused_experts(run, hidden, ids, weights, *w, *args, threads=2)
-    alone = experts_cpu_fused.fused_experts(run, hidden[5:6], ids[5:6], weights[5:6], *w, *args, threads=1)
-    one_thread = experts_cpu_fused.fused_experts(run, hidden, ids, weights, *w, *args, threads=1)
-    assert torch.equal(full[5:6], alone)
-    assert torch.equal(full, one_thread)
+    for norm in (("none", None, []), ("input_scaled_rms", torch.rand(600) + 0.5, [1e-3])):
+        full = experts_cpu_fused.fused_experts(run, hidden, ids, weights, *w, *args, threads=2, norm=norm)
+        alone = experts_cpu_fused.fused_experts(run, hidden[5:6], ids[5:6], weights[5:6], *w, *args, threads=1,
+                                                norm=norm)
+        one_thread = experts_cpu_fused.fused_experts(run, hidden, ids, weights, *w, *args, threads=1, norm=norm)
+        assert torch.equal(full[5:6], alone)
+        assert torch.equal(full, one_thread)
 
 
 def test_fused_bad_expert_id(fused):

@@ -9,7 +9,7 @@ import lynx_compile  # noqa: F401  (registers torch.ops.lynx)
 from lynx_compile import capture_routing, select_experts
 from lynx_compile.step import step_buffers
 from lynx_compile.kernels.experts_cpu import grouped_experts_cpu
-from lynx_compile.kernels.experts_ref import grouped_experts_reference
+from lynx_compile.kernels.experts_ref import grouped_experts_reference, post_norm_rows, post_norm_scale
 
 select_op = torch.ops.lynx.select_experts.default
 experts_op = torch.ops.lynx.grouped_experts.default
@@ -161,3 +161,66 @@ def test_experts_bad_arguments(layout, activation, args, w_up, match):
     ids, weights = routing(3, 6, 2)
     with pytest.raises(ValueError, match=match):
         experts_op(torch.randn(3, 20), ids, weights, w_gate_up, w_down, None, None, None, activation, layout, args)
+
+
+# --- the post-expert norm (MuseSpark) --------------------------------------------------------
+
+def post_norm(hidden=20, dtype=torch.float32, eps=0.05, seed=0):
+    """(post_norm_weight, post_norm, post_norm_args): an input-scaled RMS norm with a random weight."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(hidden, generator=g) * 0.5).to(dtype), "input_scaled_rms", [eps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_post_norm_rows_are_transformers_norm(dtype):
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkTextInputScaledRMSNorm
+
+    weight, name, args = post_norm(20, dtype)
+    norm = MuseSparkTextInputScaledRMSNorm(20, eps=args[0]).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        rows = torch.randn(7, 20).to(dtype)
+        expected = norm(rows).float()
+    got = post_norm_rows(rows.float(), name, post_norm_scale(weight), args, dtype)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("layout,activation,args", [LAYOUT_CASES[0], LAYOUT_CASES[4]])
+def test_opcheck_experts_with_post_norm(layout, activation, args):
+    w = experts(layout)
+    ids, weights = routing(5, 6, 2)
+    torch.library.opcheck(experts_op, (torch.randn(5, 20), ids, weights, *w, activation, layout, args, *post_norm()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,activation,args", [LAYOUT_CASES[0], LAYOUT_CASES[4], LAYOUT_CASES[-2]])
+def test_cpu_experts_with_post_norm_match_reference(layout, activation, args, dtype):
+    w = experts(layout, dtype=dtype)
+    ids, weights = routing(9, 6, 3, seed=1)
+    hidden = torch.randn(9, 20).to(dtype)
+    norm = post_norm(20, dtype)
+    out = experts_op(hidden, ids, weights, *w, activation, layout, args, *norm)
+    ref = grouped_experts_reference(hidden, ids, weights, *w, activation, layout, args, *norm)
+    unnormed = grouped_experts_reference(hidden, ids, weights, *w, activation, layout, args)
+    assert out.dtype == dtype and not torch.allclose(ref, unnormed, rtol=0.1, atol=0.1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda n: (n[0], "layer_norm", n[2]), "unknown post-expert norm"),
+        (lambda n: (n[0], n[1], []), r"takes \[eps\] post_norm_args"),
+        (lambda n: (None, n[1], n[2]), "needs a float \\[20\\] post_norm_weight"),
+        (lambda n: (n[0][:-1], n[1], n[2]), "needs a float \\[20\\] post_norm_weight"),
+        (lambda n: (n[0], n[1], [-1.0]), "eps >= 0"),
+        (lambda n: (n[0], "none", []), "without a post-expert norm"),
+    ],
+)
+def test_experts_bad_post_norm(change, match):
+    w_gate_up, w_down, *_ = experts("gate_up_concat")
+    ids, weights = routing(3, 6, 2)
+    with pytest.raises(ValueError, match=match):
+        experts_op(torch.randn(3, 20), ids, weights, w_gate_up, w_down, None, None, None, "silu", "gate_up_concat", [],
+                   *change(post_norm()))

@@ -80,13 +80,13 @@ def make_experts(layout, num_tokens, hidden, inter, num_experts, k, dtype, *, bi
 ACTIVATION_ARGS = {"swiglu_oai": [1.702, 1.5], "silu_clamped": [0.8], "swiglu_softcapped": [1.0, 0.7]}
 
 
-def check_experts(args, activation, layout, *, config=None, dtype=None):
+def check_experts(args, activation, layout, *, config=None, dtype=None, norm=(None, "none", [])):
     dtype = dtype or args[3].dtype
     out = poisoned(args[0].shape, args[0].dtype, DEVICE)
     act_args = ACTIVATION_ARGS.get(activation, [])
-    got = grouped_experts_triton(*args, activation, layout, act_args, out=out, config=config)
+    got = grouped_experts_triton(*args, activation, layout, act_args, *norm, out=out, config=config)
     assert got is out
-    ref = grouped_experts_reference(*args, activation, layout, act_args).float()
+    ref = grouped_experts_reference(*args, activation, layout, act_args, *norm).float()
     assert torch.isfinite(got).all(), "an output element was never written"
     scale = ref.abs().max()
     err = (got.float() - ref).abs().max()
@@ -153,6 +153,23 @@ def test_experts_mixed_dtypes():
     # fp32 activations into bf16 weights (cast like transformers' grouped_mm), bf16 router weights.
     x, ids, weights, *rest = make_experts("gate_up_concat", 3, 40, 24, 8, 2, torch.bfloat16)
     check_experts((x.float(), ids, weights.bfloat16(), *rest), "gelu", "gate_up_concat", dtype=torch.bfloat16)
+
+
+def post_norm(hidden, dtype, eps=1e-3):
+    """(post_norm_weight, post_norm, post_norm_args): MuseSpark's input-scaled RMS norm, a random weight."""
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(hidden, generator=g) * 0.5).to(dtype).to(DEVICE), "input_scaled_rms", [eps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [None, SMALL_BLOCKS], ids=["default", "split_k"])
+def test_experts_post_norm(dtype, config):
+    # 30 tokens on 6 experts (some with two 16-row tiles under SMALL_BLOCKS, whose down
+    # projection splits K in 2: the norm reads the whole row); one slot on another rank.
+    ids = ids_of([[t % 6, (t + 1 + t // 6) % 6] for t in range(30)])
+    ids[3, 1] = 6
+    args = make_experts("gate_up_concat", 30, 48, 40, 6, 2, dtype, ids=ids)
+    check_experts(args, "silu", "gate_up_concat", config=config, norm=post_norm(48, dtype))
 
 
 @pytest.fixture

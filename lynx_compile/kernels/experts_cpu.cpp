@@ -9,6 +9,7 @@
 //                 rows, + bias, act(gate) * up (or act(up) without a gate), into
 //                 A[pair sorted by expert, I] (fp32);
 //   2. down       items = (active expert, block of H): A rows @ W_down, + bias, into Y[pair, H];
+//   2b. norm      (with a post-expert norm) items = computed rows of Y: each normed in place;
 //   3. sum        out[t] = sum_j w[t, j] * Y[(t, j)], j = 0..k-1 in order (the reference's order),
 //                 cast to the output dtype.
 // One OpenMP region, the phases separated by barriers; items are taken dynamically so a core
@@ -88,6 +89,8 @@ enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3, SWIGLU_OAI = 4
 // How gate and up sit in the first projection: two blocks of columns (or two matrices),
 // alternating columns (GPT-OSS), or no gate at all (the projection is up).
 enum GateForm : int64_t { HALVES = 0, INTERLEAVED = 1, UP_ONLY = 2 };
+// The norm of each expert output row before its routing weight (experts_ref.POST_NORMS).
+enum PostNorm : int64_t { NO_POST_NORM = 0, INPUT_SCALED_RMS = 1 };
 
 template <typename T>
 inline fVec load_f(const T* p) {
@@ -439,6 +442,28 @@ inline void activate(float* gate, const float* up, int64_t n, int64_t act, float
   for (; i < n; i++) gate[i] = act_scalar(gate[i], up[i], act, p0, p1);
 }
 
+// ---- post-expert norm --------------------------------------------------------------------
+
+// x rounded to the dtype (bf16, fp16: round to nearest even, as torch's casts), back to float.
+inline float round_to(float x, int64_t dtype) {
+  if (dtype == BF16) return static_cast<float>(c10::BFloat16(x));
+  if (dtype == F16) return static_cast<float>(c10::Half(x));
+  return x;
+}
+
+// MuseSpark's input-scaled RMS norm of one row, in place (experts_ref.post_norm_rows): z = r(y * scale),
+// y = r(z * rsqrt(mean(z^2) + eps)), r() rounding to the output dtype. The mean sums in double, nearer
+// torch's pairwise fp32 sum than a serial float sum.
+inline void input_scaled_rms(float* y, const float* scale, int64_t H, float eps, int64_t dtype) {
+  double squares = 0.0;
+  for (int64_t h = 0; h < H; h++) {
+    y[h] = round_to(y[h] * scale[h], dtype);
+    squares += static_cast<double>(y[h]) * y[h];
+  }
+  const float inv = 1.f / std::sqrt(static_cast<float>(squares / H) + eps);
+  for (int64_t h = 0; h < H; h++) y[h] = round_to(y[h] * inv, dtype);
+}
+
 // ---- the layer -----------------------------------------------------------------------------
 
 struct Args {
@@ -455,6 +480,9 @@ struct Args {
   int64_t b_down_se, b_down_sc;
   int64_t act;
   float p0, p1;  // the activation's constants (activation_args), 0 where it has none
+  const float* post_scale;                // [H] fp32: 1 + the norm's weight
+  int64_t post_norm;
+  float post_eps;
   void* out;
   int64_t out_dtype;
   int64_t threads;
@@ -626,6 +654,12 @@ void run(const Args& a) {
         for (int64_t r = 0; r < R; r++)
           for (int64_t h = 0; h < nh; h++) y[r * H + h] += bias_at<T>(a.b_down, a.b_down_se, a.b_down_sc, e, h0 + h);
     }
+    // 2b. post-expert norm of every computed row (the sentinels' rows, after them, never are)
+    if (a.post_norm == INPUT_SCALED_RMS) {
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < start[num_active]; row++)
+        input_scaled_rms(Y + row * H, a.post_scale, H, a.post_eps, a.out_dtype);
+    }
     // 3. weighted sum over the slots, in slot order
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < a.T; t++) {
@@ -665,13 +699,14 @@ void kernel(const void* hidden, const int64_t* ids, const float* routed, const v
             int64_t up_se, int64_t up_si, int64_t up_so, int64_t up_off, int64_t gate_form,
             int64_t down_se, int64_t down_si, int64_t down_so, int64_t has_b_gate_up, int64_t b_gate_up_se,
             int64_t b_gate_up_sc, int64_t has_b_down, int64_t b_down_se, int64_t b_down_sc, int64_t act,
-            float p0, float p1, int64_t threads, int64_t bf16_dot) {
+            float p0, float p1, int64_t threads, const float* post_scale, int64_t post_norm, float post_eps,
+            int64_t bf16_dot) {
   using namespace lynx_experts;
   Args a{T, H, I, k, E, hidden, hidden_ld, hidden_dtype, ids, routed,
          Mat{w_gate, gate_se, gate_si, gate_so}, Mat{w_up, up_se, up_si, up_so}, Mat{w_down, down_se, down_si, down_so},
          gate_off, up_off, gate_form, has_b_gate_up ? b_gate_up : nullptr, b_gate_up_se, b_gate_up_sc,
-         has_b_down ? b_down : nullptr, b_down_se, b_down_sc, act, p0, p1, out, hidden_dtype,
-         std::max<int64_t>(threads, 1), bf16_dot != 0};
+         has_b_down ? b_down : nullptr, b_down_se, b_down_sc, act, p0, p1, post_scale, post_norm, post_eps, out,
+         hidden_dtype, std::max<int64_t>(threads, 1), bf16_dot != 0};
   if (T == 0) return;
   if (weight_dtype == F32) run<float>(a);
   else if (weight_dtype == BF16) run<c10::BFloat16>(a);

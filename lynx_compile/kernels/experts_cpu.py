@@ -13,7 +13,8 @@ outputs in fp32 in slot order.
   of ``torch.mm`` over the non-empty groups where strides are not 16-byte aligned). MKL GEMM
   is faster once experts have many rows each (prefill).
 
-Slots whose id is ``E`` (the sentinel of expert parallelism: an expert on another rank) add
+A post-expert norm (``experts_ref.POST_NORMS``) runs on each computed row before its weight, on
+both paths. Slots whose id is ``E`` (the sentinel of expert parallelism: an expert on another rank) add
 nothing on either path. ``choose_path`` decides from shapes alone; ``benchmarks/experts_cpu.py`` measures both.
 """
 
@@ -24,7 +25,10 @@ import functools
 import torch
 
 from . import experts_cpu_fused
-from .experts_ref import check_call_shapes, check_expert_ids, check_experts_args, expert_mlp
+from .experts_ref import (
+    check_call_shapes, check_expert_ids, check_experts_args, check_post_norm, expert_mlp, post_norm_rows,
+    post_norm_scale,
+)
 
 _TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
 
@@ -89,13 +93,17 @@ def choose_path(num_tokens: int, top_k: int, num_experts: int, dtype: torch.dtyp
 
 def grouped_experts_cpu(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-    activation, layout, activation_args, path: str | None = None,
+    activation, layout, activation_args, post_norm_weight=None, post_norm="none", post_norm_args=None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """The op's CPU kernel. ``path`` forces ``"fused"`` or ``"grouped_mm"`` (tests, benchmarks)."""
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
     hidden_size, inter_size = expert_sizes(layout, w_gate_up, w_down, w_up)
     check_call_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
     check_expert_ids(topk_ids, w_gate_up.shape[0])
+    post_norm_args = list(post_norm_args or ())
+    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden_size)
+    norm = (post_norm, post_norm_scale(post_norm_weight) if post_norm_weight is not None else None, post_norm_args)
     num_tokens, top_k = topk_ids.shape
     geometry = experts_cpu_fused.weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout, inter_size)
     if isinstance(geometry, tuple) and hidden.dtype not in experts_cpu_fused.DTYPE_CODES:
@@ -110,11 +118,11 @@ def grouped_experts_cpu(
         threads = 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
         return experts_cpu_fused.fused_experts(
             experts_cpu_fused.kernel(), hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-            geometry, activation, activation_args, inter_size, threads)
+            geometry, activation, activation_args, inter_size, threads, norm)
     if path != "grouped_mm":
         raise ValueError(f"unknown CPU experts path {path!r}; valid: fused, grouped_mm")
     return grouped_mm_experts(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-                              activation, layout, activation_args)
+                              activation, layout, activation_args, norm)
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -140,9 +148,10 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor)
 
 def grouped_mm_experts(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
-    activation, layout, activation_args,
+    activation, layout, activation_args, norm=("none", None, []),
 ) -> torch.Tensor:
-    """Rows grouped by expert, one grouped GEMM per projection, in the weights' dtype."""
+    """Rows grouped by expert, one grouped GEMM per projection, in the weights' dtype; ``norm``: the
+    post-expert norm's (name, fp32 scale 1 + w, post_norm_args)."""
     num_experts = w_gate_up.shape[0]
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
@@ -160,6 +169,8 @@ def grouped_mm_experts(
 
     rows = expert_mlp(x, w_gate_up, w_down, w_up, per_row(b_gate_up), per_row(b_down), activation, layout,
                       activation_args, project=project).float()
+    post_norm, scale, post_norm_args = norm
+    rows = post_norm_rows(rows, post_norm, scale, post_norm_args, hidden.dtype)
     rows *= topk_weights.reshape(-1)[order, None]
     rows.masked_fill_((sorted_ids == num_experts)[:, None], 0.0)  # sentinel rows: never computed
     out = torch.empty_like(rows)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .experts_ref import ACTIVATIONS
+from .experts_ref import ACTIVATIONS, POST_NORMS
 
 DISABLE_ENV = "LYNX_CPU_FUSED_EXPERTS"
 BF16_DOT_ENV = "LYNX_CPU_BF16_DOT"
@@ -30,12 +30,15 @@ ACTIVATION_CODES = {  # experts_cpu.cpp's enum Act
                                       "swiglu_softcapped", "relu2"))
 }
 GATE_FORMS = {"gate_up_interleaved_t": 1, "up_only": 2}  # enum GateForm; the others: 0 (two halves or matrices)
-assert set(ACTIVATION_CODES) == set(ACTIVATIONS)
+POST_NORM_CODES = {"none": 0, "input_scaled_rms": 1}  # enum PostNorm
+assert set(ACTIVATION_CODES) == set(ACTIVATIONS) and set(POST_NORM_CODES) == set(POST_NORMS)
 
 _ARGTYPES = (
     ["const void*", "const int64_t*", "const float*", "const void*", "const void*", "const void*", "const void*",
      "const void*", "void*"]
-    + ["int64_t"] * 27 + ["float", "float", "int64_t", "int64_t"]
+    + ["int64_t"] * 27 + ["float", "float", "int64_t"]
+    + ["const float*", "int64_t", "float"]  # the post-expert norm: fp32 scale 1 + w, its code, eps
+    + ["int64_t"]  # bf16 experts on vdpbf16ps
 )
 _lock = threading.Lock()
 _UNBUILT = object()
@@ -121,9 +124,11 @@ def weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout: str, int
 def fused_experts(
     run: Callable, hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down,
     geometry: tuple[int, ...], activation: str, activation_args, inter_size: int, threads: int,
+    norm=("none", None, []),
 ) -> torch.Tensor:
     """One call of the kernel: shapes checked, ``geometry`` from ``weight_geometry``; ``hidden``
-    fp32, bf16 or fp16 on the CPU."""
+    fp32, bf16 or fp16 on the CPU; ``norm``: the post-expert norm's (name, fp32 scale 1 + w [H],
+    post_norm_args)."""
     num_tokens, hidden_size = hidden.shape
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
@@ -133,12 +138,15 @@ def fused_experts(
         routed = routed.float().contiguous()
     out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype)
     p0, p1 = (*activation_args, 0.0, 0.0)[:2]  # the kernel's two activation constants
+    post_norm, scale, post_norm_args = norm
+    scale = routed if scale is None else scale.float().contiguous()  # (unread without a norm)
     try:
         run(
             hidden, ids, routed, w_gate_up, w_gate_up if w_up is None else w_up, w_down,
             w_gate_up if b_gate_up is None else b_gate_up, w_gate_up if b_down is None else b_down, out,
             num_tokens, hidden_size, inter_size, ids.shape[1], w_gate_up.shape[0], hidden.stride(0),
             DTYPE_CODES[hidden.dtype], *geometry, ACTIVATION_CODES[activation], float(p0), float(p1), threads,
+            scale, POST_NORM_CODES[post_norm], float((*post_norm_args, 0.0)[0]),
             int(hidden.dtype == torch.bfloat16 and bf16_dot_available()),
         )
     except RuntimeError as e:  # the kernel's own checks (expert ids in range)

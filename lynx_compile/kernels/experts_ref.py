@@ -24,6 +24,11 @@ Activations of the gated layouts, with their activation_args:
                     cap(x, c) = c * tanh(x / c)                                         [a, b]
 Activations of the up_only layout: act(up) for silu / gelu / gelu_tanh / relu, and relu2
 (relu(x) ** 2), none taking activation_args.
+Post-expert norms (transformers' ``has_post_expert_norm``): applied to each (token, slot) output row
+y before its routing weight, with the norm's weight w [H] and post_norm_args:
+  none              y                                                                   []
+  input_scaled_rms  MuseSpark: z = r(y * (1 + w)), out = r(z * rsqrt(mean(z ** 2) + eps)), [eps]
+                    r() rounding to the hidden dtype and 1 + w added in w's dtype, as transformers does
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ _GATED_ARGS = {
 GATED_ACTIVATIONS = (*_UNARY, *_GATED_ARGS)
 UNGATED_ACTIVATIONS = (*_UNARY, "relu2")
 ACTIVATIONS = (*GATED_ACTIVATIONS, "relu2")
+POST_NORMS = {"none": (), "input_scaled_rms": ("eps",)}  # name: its post_norm_args
 
 
 def activation_arg_names(activation: str) -> tuple[str, ...]:
@@ -96,6 +102,40 @@ def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, l
         raise ValueError(f"layout {layout!r} {'needs' if layout == 'gate_up_split' else 'takes no'} w_up")
     if layout != "gate_up_interleaved_t" and (b_gate_up is not None or b_down is not None):
         raise ValueError(f"layout {layout!r} takes no biases")
+
+
+def check_post_norm(post_norm, weight, args, hidden_size) -> None:
+    """The post-expert norm's name, weight ([H] floats, only with a norm) and post_norm_args."""
+    if post_norm not in POST_NORMS:
+        raise ValueError(f"unknown post-expert norm {post_norm!r}; valid: {', '.join(POST_NORMS)}")
+    names = POST_NORMS[post_norm]
+    if len(args) != len(names):
+        raise ValueError(f"post-expert norm {post_norm!r} takes {'[' + ', '.join(names) + ']' if names else 'no'} "
+                         f"post_norm_args, got {args}")
+    if post_norm == "none":
+        if weight is not None:
+            raise ValueError("post_norm_weight given without a post-expert norm")
+        return
+    if weight is None or weight.dim() != 1 or weight.shape[0] != hidden_size or not weight.dtype.is_floating_point:
+        got = None if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
+        raise ValueError(f"post-expert norm {post_norm!r} needs a float [{hidden_size}] post_norm_weight, got {got}")
+    if not args[0] >= 0:
+        raise ValueError(f"post-expert norm {post_norm!r} needs eps >= 0, got {args[0]}")
+
+
+def post_norm_scale(weight: torch.Tensor) -> torch.Tensor:
+    """``1 + w`` in w's dtype (rounded there, as transformers adds it), as fp32."""
+    return (1.0 + weight).float()
+
+
+def post_norm_rows(rows: torch.Tensor, post_norm: str, scale: torch.Tensor | None, args, dtype: torch.dtype,
+                   ) -> torch.Tensor:
+    """The post-expert norm of fp32 output rows [N, H], fp32, rounded to ``dtype`` where transformers rounds."""
+    if post_norm == "none":
+        return rows
+    (eps,) = args
+    z = (rows * scale).to(dtype).float()
+    return (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)).to(dtype).float()
 
 
 def check_call_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size) -> None:
@@ -150,11 +190,15 @@ def expert_mlp(x, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout
 
 def grouped_experts_reference(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up=None, b_gate_up=None, b_down=None,
-    activation="silu", layout="gate_up_concat", activation_args=(),
+    activation="silu", layout="gate_up_concat", activation_args=(), post_norm_weight=None, post_norm="none",
+    post_norm_args=(),
 ) -> torch.Tensor:
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, list(activation_args))
+    post_norm_args = list(post_norm_args or ())
+    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden.shape[-1])
     num_experts = w_gate_up.shape[0]
     check_expert_ids(topk_ids, num_experts)
+    scale = post_norm_scale(post_norm_weight) if post_norm_weight is not None else None
     x = hidden.float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
 
@@ -166,5 +210,6 @@ def grouped_experts_reference(
         e = topk_ids[:, slot].clamp(max=num_experts - 1)
         y = expert_mlp(x, pick(w_gate_up, e), pick(w_down, e), pick(w_up, e), pick(b_gate_up, e),
                        pick(b_down, e), activation, layout, list(activation_args))
+        y = post_norm_rows(y, post_norm, scale, post_norm_args, hidden.dtype)
         out += torch.where(sentinel[:, None], 0.0, topk_weights[:, slot, None].float() * y)
     return out.to(hidden.dtype)

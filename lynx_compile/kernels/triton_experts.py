@@ -11,6 +11,8 @@ Four launches, all grids sized from shapes, no host synchronisation (CUDA-graph 
                            weights' dtype;
   3. down     (tiles x N-tiles of H x K-splits)  stream W_down, epilogue: bias, times the
                            routed weight, store fp32 per (split, pair);
+  3b. norm    (T*k, only with a post-expert norm)  the splits of a pair's row summed, normed,
+                           times the routed weight (the down epilogue then weighs by 1);
   4. sum      (T x H-blocks)  out[t] = sum over slots and splits in a fixed order, cast.
 
 Why this decomposition.
@@ -44,18 +46,20 @@ Why this decomposition.
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 
-from .experts_ref import check_call_shapes, check_experts_args
+from .experts_ref import check_call_shapes, check_experts_args, check_post_norm, post_norm_scale
 from .triton_experts_config import ExpertsConfig, default_config
 from .triton_experts_gemm import (
     GELU, GELU_TANH, RELU, RELU2, SILU, SILU_CLAMPED, SWIGLU_OAI, SWIGLU_SOFTCAPPED, down_kernel, gate_up_kernel,
-    sum_slots_kernel,
+    post_norm_kernel, sum_slots_kernel,
 )
 from .triton_moe_align import align_routing
 
 _ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "swiglu_oai": SWIGLU_OAI,
                 "silu_clamped": SILU_CLAMPED, "swiglu_softcapped": SWIGLU_SOFTCAPPED, "relu2": RELU2}
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # Scratch buffers come from here, so tests can poison them.
 _workspace = torch.empty
@@ -109,15 +113,20 @@ def _check_tensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_ga
 
 def grouped_experts_triton(
     hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up=None, b_gate_up=None, b_down=None,
-    activation="silu", layout="gate_up_concat", activation_args=(), *,
-    out: torch.Tensor | None = None, config: ExpertsConfig | None = None,
+    activation="silu", layout="gate_up_concat", activation_args=(), post_norm_weight=None, post_norm="none",
+    post_norm_args=(), *, out: torch.Tensor | None = None, config: ExpertsConfig | None = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``, ``hidden``'s
-    dtype and shape. ``out`` (contiguous, that dtype and shape) receives the result if given."""
+    """``out[t] = sum_j topk_weights[t, j] * norm(expert_{topk_ids[t, j]}(hidden[t]))``, ``hidden``'s
+    dtype and shape (``norm``: the post-expert norm, if any). ``out`` (contiguous, that dtype and
+    shape) receives the result if given."""
     activation_args = list(activation_args)
+    post_norm_args = list(post_norm_args or ())
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
     hidden_size, inter_size, gate_up_geo, down_geo = _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up)
     _check_tensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, hidden_size, inter_size)
+    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden_size)
+    if post_norm_weight is not None and post_norm_weight.device != hidden.device:
+        raise ValueError(f"post_norm_weight must be on {hidden.device}, got {post_norm_weight.device}")
     num_tokens, top_k = topk_ids.shape
     num_experts = w_gate_up.shape[0]
     if out is None:
@@ -158,16 +167,27 @@ def grouped_experts_triton(
     num_splits = -(-inter_size // k_per_split)
     partial = _workspace((num_splits, num_pairs, hidden_size), dtype=torch.float32, device=hidden.device)
     grid = (num_tiles, -(-hidden_size // config.down_block_n), num_splits)
+    normed = post_norm != "none"  # the norm reads whole unweighted rows: the weight comes after it
     down_kernel[grid](
-        inter, w_down, b_down.contiguous() if b_down is not None else w_down, routed, partial, *tiles,
+        inter, w_down, b_down.contiguous() if b_down is not None else w_down,
+        torch.ones_like(routed) if normed else routed, partial, *tiles,
         hidden_size, inter_size, num_pairs, k_per_split,
         w_down.stride(0), **down_geo, stride_bias_e=hidden_size,
         HAS_BIAS=b_down is not None, FP32_DOT=fp32_dot,
         BLOCK_M=config.block_m, BLOCK_N=config.down_block_n, BLOCK_K=config.down_block_k, **launch,
     )
+    ids = topk_ids.contiguous()
+    if normed:  # each row's splits summed, normed and weighted into split 0
+        row_block = 1 << (hidden_size - 1).bit_length()
+        post_norm_kernel[(num_pairs,)](
+            partial, ids, routed, post_norm_scale(post_norm_weight).contiguous(), hidden_size, num_pairs, num_splits,
+            num_experts, float(post_norm_args[0]), ROUND=_TL_DTYPES[hidden.dtype], BLOCK_H=row_block,
+            num_warps=min(16, max(1, row_block // 256)),
+        )
+        num_splits = 1
 
     block_h = min(1024, 1 << (hidden_size - 1).bit_length())
     sum_slots_kernel[(num_tokens, -(-hidden_size // block_h))](
-        partial, topk_ids.contiguous(), out, hidden_size, num_pairs, top_k, num_splits, num_experts, BLOCK_H=block_h,
+        partial, ids, out, hidden_size, num_pairs, top_k, num_splits, num_experts, BLOCK_H=block_h,
     )
     return out

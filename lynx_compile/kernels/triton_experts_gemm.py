@@ -1,4 +1,5 @@
-"""The three Triton kernels of the grouped experts: gate_up (+activation), down (+weight), sum.
+"""The Triton kernels of the grouped experts: gate_up (+activation), down (+weight), the
+post-expert norm where the experts have one, sum.
 
 Work tiles come from ``triton_moe_align``: tile ``i`` is up to BLOCK_M rows (token, slot
 pairs) of one expert. Weight addressing is by strides, so one kernel serves every layout:
@@ -191,6 +192,28 @@ def down_kernel(
     acc *= tl.load(routed_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out = partial_ptr + (split * num_pairs + pairs).to(tl.int64)[:, None] * hidden_size + n[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def post_norm_kernel(partial_ptr, ids_ptr, routed_ptr, scale_ptr, hidden_size, num_pairs, num_splits, num_experts,
+                     eps, ROUND: tl.constexpr, BLOCK_H: tl.constexpr):
+    """partial[0, pair] = routed[pair] * norm(sum over splits s of partial[s, pair]), one program per
+    pair: MuseSpark's input-scaled RMS norm (experts_ref.post_norm_rows), z = r(y * scale),
+    r(z * rsqrt(mean(z^2) + eps)), r() rounding to the dtype ROUND. Pairs of no expert here (the
+    expert-parallel sentinel) were never computed: skipped, as the sum skips them."""
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + pair)
+    if (expert < 0) | (expert >= num_experts):
+        return
+    n = tl.arange(0, BLOCK_H)
+    n_ok = n < hidden_size
+    y = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(num_splits):
+        y += tl.load(partial_ptr + (s * num_pairs + pair) * hidden_size + n, mask=n_ok, other=0.0)
+    z = (y * tl.load(scale_ptr + n, mask=n_ok, other=0.0)).to(ROUND).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(z * z, axis=0) / hidden_size + eps)
+    out = (z * inv).to(ROUND).to(tl.float32) * tl.load(routed_ptr + pair).to(tl.float32)
+    tl.store(partial_ptr + pair * hidden_size + n, out, mask=n_ok)
 
 
 @triton.jit

@@ -4,9 +4,9 @@ Each pattern is one function ``(graph, RouterMatch) -> DispatchMatch | reason`` 
 ``DISPATCH_PATTERNS``. A match is the whole region between the router outputs (and the
 layer's hidden states) and the per-token combined output, checked op by op: every node must
 be accounted for as bookkeeping (permutations, offsets, views) or as one of the pattern's
-pieces (two GEMMs, optional biases, the gated activation, the routed weight, the sum over
-k). Anything else (a post-expert norm, an unknown activation...) rejects the match, so lynx
-never replaces computation it does not understand.
+pieces (two GEMMs, optional biases, the gated activation, a known post-expert norm
+(``post_norms.py``), the routed weight, the sum over k). Anything else (an unknown norm or
+activation...) rejects the match, so lynx never replaces computation it does not understand.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .graph_utils import (
     shape,
     strip,
 )
+from .post_norms import POST_NORM_FORMS, match_post_norm
 from .routers import RouterMatch, guarded
 
 
@@ -59,6 +60,9 @@ class DispatchMatch:
     activation_args: tuple[float, ...] = ()
     ep_rank: int = 0  # expert parallelism: this rank of ep_ranks owns experts [ep_rank * E/ep_ranks, ...)
     ep_ranks: int = 1  # 1: not expert-parallel (an EP-aware selector can read it from here)
+    post_norm: str = "none"  # the norm of each expert output row before its weight (experts_ref.POST_NORMS)
+    post_norm_weight: Node | None = None
+    post_norm_args: tuple[float, ...] = ()
 
 
 DispatchPattern = Callable[[Graph, RouterMatch], "DispatchMatch | str"]
@@ -393,10 +397,15 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     if strip(_gemm_input(second), LAYOUT_KINDS) is not gate.output:
         return f"the second GEMM does not read the activation matched ({gate.activation}, {gate.form})"
 
-    weighted = [n for n in nodes if op_kind(n) == "mul" and n not in gate.nodes]
-    if len(weighted) != 1 or not _weighs_output(weighted[0], second.node, weights):
-        return "the experts' outputs are not multiplied by the routing weights once"
-    accounted = {first.node, second.node, slot_sum, output, weighted[0], *gate.nodes}
+    norm = match_post_norm(second.node, region, hidden)
+    if isinstance(norm, str):
+        return f"the experts' outputs go through a post-expert norm lynx does not know ({norm})"
+    norm_nodes = norm.nodes if norm else set()
+    weighted = [n for n in nodes if op_kind(n) == "mul" and n not in gate.nodes and n not in norm_nodes]
+    if len(weighted) != 1 or not _weighs_output(weighted[0], norm.output if norm else second.node, weights):
+        return ("the experts' outputs are not multiplied by the routing weights once (nor normed first by a "
+                f"known post-expert norm: {', '.join(form.__name__ for form in POST_NORM_FORMS)})")
+    accounted = {first.node, second.node, slot_sum, output, weighted[0], *gate.nodes, *norm_nodes}
     accounted |= {g.bias_add for g in gemms if g.bias_add is not None}
     # Bookkeeping may only compute the permutation and offsets from the expert ids: any
     # such op on the hidden states, weights or parameters is computation lynx does not model.
@@ -421,12 +430,16 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
                     f" of {router.num_experts})")
     elif op_kind(first.param) == "to_local" and shard_description(first.param, shape(first.param)):
         pattern += f" (tensor-parallel shard: {shard_description(first.param, shape(first.param))})"
+    if norm:
+        pattern += f" + post-expert norm {norm.kind} ({', '.join(f'{a:g}' for a in norm.args)})"
     return DispatchMatch(
         pattern=pattern, output=output, region=region, hidden=hidden, ids=ids, weights=weights,
         w_gate_up=first.param, w_down=second.param, activation=gate.activation, layout=layout,
         module=module_path(first.node), b_gate_up=first.bias, b_down=second.bias,
         activation_args=gate.activation_args,
         ep_rank=ep.rank if ep else 0, ep_ranks=router.num_experts // ep.local_experts if ep else 1,
+        post_norm=norm.kind if norm else "none", post_norm_weight=norm.weight if norm else None,
+        post_norm_args=norm.args if norm else (),
     )
 
 

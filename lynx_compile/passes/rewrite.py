@@ -44,14 +44,12 @@ def _call(graph: Graph, target, args: tuple, like: Node, kwargs: dict | None = N
 def replace_dispatch(graph: Graph, match: DispatchMatch) -> Node:
     if isinstance(match, InputWeightedDispatch):
         return replace_input_weighted_dispatch(graph, match)
+    args = (match.hidden, match.ids, match.weights, match.w_gate_up, match.w_down, match.w_up,
+            match.b_gate_up, match.b_down, match.activation, match.layout, list(match.activation_args))
+    if match.post_norm != "none":  # (the op's trailing arguments; graphs without a norm keep its short form)
+        args += (match.post_norm_weight, match.post_norm, list(match.post_norm_args))
     with graph.inserting_before(match.output):
-        node = _call(
-            graph,
-            torch.ops.lynx.grouped_experts.default,
-            (match.hidden, match.ids, match.weights, match.w_gate_up, match.w_down, match.w_up,
-             match.b_gate_up, match.b_down, match.activation, match.layout, list(match.activation_args)),
-            like=match.output,
-        )
+        node = _call(graph, torch.ops.lynx.grouped_experts.default, args, like=match.output)
     match.output.replace_all_uses_with(node)
     erase_nodes(graph, match.region)
     return node
