@@ -13,6 +13,7 @@ costs the expert bytes it reads. Both say what the machine is (cores, ISA, bandw
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,6 +24,7 @@ from transformers import StaticCache
 
 import lynx_compile
 
+TIMED_RUNS = 5
 MODES = {  # name -> (backend, options)
     "eager": (None, None),
     "inductor": ("inductor", None),
@@ -79,12 +81,15 @@ def run_mode(name, model, prompt, new_tokens, num_moe_layers):
     warmup = time.perf_counter() - start
     counter = EagerExpertCounter(model) if backend is None else None
     with lynx_compile.capture_routing() as cap:
-        tokens, seconds = greedy(forward, model.config, prompt, new_tokens)
+        tokens, _ = greedy(forward, model.config, prompt, new_tokens)
     if counter:
         counter.remove()
     counts = counter.counts if counter else cap.distinct_experts()
     decode_counts = counts[num_moe_layers:]  # drop the prefill's calls
     experts = sum(decode_counts) / len(decode_counts) if backend != "inductor" else None
+    # A decode run of this model takes a tenth of a second: the median of a few, so that one
+    # burst of other load on the machine does not decide a row
+    seconds = statistics.median(greedy(forward, model.config, prompt, new_tokens)[1] for _ in range(TIMED_RUNS))
     tokens_per_s = prompt.shape[0] * (new_tokens - 1) / seconds
     return dict(tokens=tokens, tokens_per_s=tokens_per_s, experts=experts, warmup=warmup)
 
