@@ -16,6 +16,7 @@ from ..policies import get_policy
 from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
 from . import dispatch_dense, dispatch_einsum, router_dense  # noqa: F401  (register Llama-4's and gpt-fast's patterns)
+from . import router_ids  # noqa: F401  (the ids-only router pattern: registered after every other)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
 from .graph_utils import common_module, example_value, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
