@@ -28,6 +28,7 @@ class MatchedLayer:
     settings: str  # where alpha/beta came from
     step: str = "-"  # how the step kind (decode or not) is decided
     knobs: str = "-"  # the policy's settings in words, e.g. "alpha=3, beta=2" or "k0=2"
+    replaced: str = "ids, weights"  # what the selector replaces: "ids" alone where the router weighs them itself
 
 
 @dataclass
@@ -52,7 +53,7 @@ class LynxReport:
     def to_markdown(self) -> str:
         lines = [f"# lynx report: {self.graph}", "", f"## Rewritten MoE layers ({len(self.matched)})", ""]
         if self.matched:
-            cols = ["module", "block", "num_experts", "top_k", "router", "rule", "dispatch",
+            cols = ["module", "block", "num_experts", "top_k", "router", "rule", "replaced", "dispatch",
                     "layout", "activation", "policy", "knobs", "settings", "step"]
             lines += _table(cols, [[getattr(m, c) for c in cols] for m in self.matched])
         lines += ["", f"## Left unchanged ({len(self.unmatched)})", ""]
@@ -74,15 +75,21 @@ def _table(cols: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def describe_rule(rule, biased: bool) -> str:
-    """A RouterRule in a few words, e.g. ``sigmoid+bias, 8 groups top 4 (top2_sum), renormalised, x2.5``."""
+def describe_rule(rule, biased: bool, ids_only: bool = False, skip_class: bool = False) -> str:
+    """A RouterRule in a few words, e.g. ``sigmoid+bias, 8 groups top 4 (top2_sum), renormalised, x2.5``.
+    ``ids_only``: the selector chooses the ids alone and the router's own formula weighs them;
+    ``skip_class``: the router's last class is a free skip choice (Zaya)."""
     if rule.bias_on_logits:  # ranked by the logits (+ bias), weighed by the scores
         parts = [rule.scoring + ("+logit bias" if biased else " of the logits' top-k")]
     else:
         parts = [rule.scoring + ("+bias" if biased else "")]
+    if skip_class:
+        parts.append("a skip class")
     if rule.grouped:
         parts.append(f"{rule.num_groups} groups top {rule.topk_groups} ({rule.group_score})")
-    if rule.scoring == "sparsemixer":
+    if ids_only:
+        parts.append("weights by the router's own formula")
+    elif rule.scoring == "sparsemixer":
         parts.append(f"windows of {2 * rule.jitter_eps:g}")
     elif rule.softmax_after_topk:
         parts.append("softmax over top-k")

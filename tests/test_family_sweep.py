@@ -16,10 +16,10 @@ REWRITTEN = {
     "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2", "deepseek_v32",
     "dots1", "dots3_note", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "glm4_moe",
     "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "granitemoe", "granitemoe_swa", "granitemoehybrid",
-    "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "inkling2", "inkling2_loop", "jamba",
+    "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl", "inkling", "inkling2", "inkling2_loop", "jamba",
     "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "llama4", "mellum", "mimo_v2_flash", "minimax",
     "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4", "muse_spark", "nemotron_h", "phimoe", "qwen3_5_moe",
-    "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "solar_open", "unlimited_ocr",
+    "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe", "qwen4_exp", "solar_open", "unlimited_ocr", "zaya",
 }
 
 

@@ -16,6 +16,7 @@ from ..policies import get_policy
 from ..report import LynxReport, MatchedLayer, UnmatchedCandidate, describe_rule
 from ..settings import resolve_settings
 from . import dispatch_dense, dispatch_einsum, router_dense  # noqa: F401  (register Llama-4's and gpt-fast's patterns)
+from . import router_ids  # noqa: F401  (the ids-only router pattern: registered after every other)
 from .dispatch import EAGER_EXPERTS_HINT, match_dispatch
 from .graph_utils import common_module, example_value, module_classes, module_path, op_kind, shape
 from .rewrite import replace_dispatch, replace_router
@@ -58,16 +59,17 @@ def rewrite_moe_layers(gm: GraphModule, options: LynxOptions, graph_name: str = 
         block = common_module([router.module, dispatch.module])
         hidden_size = shape(dispatch.hidden)[1]
         settings = resolve_settings(options, block, router.modules.get(block, ""), router.top_k,
-                                    router.num_experts, hidden_size if isinstance(hidden_size, int) else None)
+                                    router.classes, hidden_size if isinstance(hidden_size, int) else None)
         if options.layer_settings and options.policy != "off" and not settings.source.startswith("layer_settings"):
             log.warning("lynx: %s has no layer_settings entry (keys: %s); it uses %s", block or "<top>",
                         ", ".join(sorted(options.layer_settings)), settings.source)
         sequence_dim, step = sequence_rule(router, options)
         replace_dispatch(graph, dispatch)
         if options.policy != "off":
-            if options.ep_ranks is not None and router.num_experts % options.ep_ranks:
-                raise ValueError(f"{block or 'MoE layer'}: ep_ranks={options.ep_ranks} does not divide its "
-                                 f"E={router.num_experts} experts")
+            if options.ep_ranks is not None and router.classes % options.ep_ranks:
+                skip = " (its experts and a skip class)" if router.skip_class else ""
+                raise ValueError(f"{block or 'MoE layer'}: ep_ranks={options.ep_ranks} does not divide the "
+                                 f"{router.classes} classes its selector ranks{skip}")
             replace_router(gm, router, get_policy(options.policy), settings.knobs, options.decode_only, sequence_dim,
                            options.ep_ranks)
         report.matched.append(_matched_layer(block, router, dispatch, options, settings, step))
@@ -111,7 +113,7 @@ def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptio
         num_experts=router.num_experts,
         top_k=router.top_k,
         router=router.pattern,
-        rule=describe_rule(router.rule, router.score_bias is not None),
+        rule=describe_rule(router.rule, router.score_bias is not None, router.ids_only, router.skip_class),
         renormalize=router.rule.renormalize,
         dispatch=dispatch.pattern,
         layout=dispatch.layout,
@@ -121,6 +123,7 @@ def _matched_layer(block: str, router: RouterMatch, dispatch, options: LynxOptio
         beta=settings.beta if on else None,
         settings=settings.source if on else "-",
         step=step if on else "-",
+        replaced="ids" if router.ids_only else "ids, weights",
         knobs=(get_policy(options.policy).describe(settings.knobs)
                + (f", ep_ranks={options.ep_ranks}" if options.ep_ranks and options.ep_ranks > 1 else "")) if on else "-",
     )

@@ -354,7 +354,7 @@ def hf_experts(graph: Graph, router: RouterMatch) -> DispatchMatch | str:
     """transformers' ``grouped_mm`` and ``batched_mm`` experts paths: two expert GEMMs with
     optional biases, a gated activation (or an activation alone, without a gate), the routed
     weight, and a sum over the k slots."""
-    num_tokens, top_k, num_experts = shape(router.logits)[0], router.top_k, router.num_experts
+    num_tokens, top_k, num_experts = shape(router.ids)[0], router.top_k, router.num_experts  # ids: [tokens, k]
 
     def is_slot_sum(node: Node) -> bool:  # x.view(T, k, H).sum(dim=1)
         src = shape(node.args[0]) if node.args else None

@@ -139,32 +139,64 @@ def replace_router(gm: GraphModule, match: RouterMatch, policy: Policy, knobs: d
     dense = isinstance(match, DenseRouterMatch)
     rule = match.rule
     state, mask = step_context_nodes(gm, match.logits)
+    chosen_weights = None if match.ids_only else (match.selected_weights or match.weights)
+    chosen_ids = match.selected_ids or match.ids
     with graph.inserting_before(match.topk):
         if sequence_dim is None:  # no shape rule: only an engine's step context makes a decode step
             seq_len = -1
         else:
-            seq_len = example_value(match.layer_input).shape[sequence_dim]
-            if not isinstance(seq_len, int):  # dynamic sequence length: read it at run time
-                seq_len = _call(graph, torch.ops.aten.sym_size.int, (match.layer_input, sequence_dim), like=match.topk)
+            seq_len = _size(graph, match.layer_input, sequence_dim, match.topk)
         select = _call(
             graph,
             torch.ops.lynx.select_experts.default,
-            (match.logits, match.score_bias, state, mask, match.top_k, seq_len, policy.name,
+            (selector_logits(graph, match), match.score_bias, state, mask, match.top_k, seq_len, policy.name,
              policy.encode(knobs, ep_ranks),
              decode_only, rule.scoring, rule.renormalize, rule.softmax_after_topk, rule.num_groups,
              rule.topk_groups, rule.group_score, rule.scaling_factor, rule.bias_on_logits,
              rule.jitter_eps),
             like=match.topk,
         )
-        weights = _call(graph, operator.getitem, (select, 0), like=match.topk)
-        ids = _call(graph, operator.getitem, (select, 1), like=match.topk)
+        ids = _as_router_shape(graph, _call(graph, operator.getitem, (select, 1), like=match.topk), match)
+        if chosen_weights is not None:
+            weights = _as_router_shape(graph, _call(graph, operator.getitem, (select, 0), like=match.topk), match)
         if dense:  # the router's own weights of the chosen experts, with its casts
             chosen = _call(graph, torch.gather, (match.logits, -1, ids), like=match.topk)
             weights, _ = _router_weight_ops(graph, match, chosen)
-    if not dense and dtype(match.weights) != torch.float32:  # keep the dtype the router handed on
-        with graph.inserting_after(weights):
-            weights = _call(graph, "to", (weights,), like=match.topk, kwargs={"dtype": dtype(match.weights)})
-    match.weights.replace_all_uses_with(weights)
-    match.ids.replace_all_uses_with(ids)
+    if chosen_weights is not None:
+        if not dense and dtype(chosen_weights) != torch.float32:  # keep the dtype the router handed on
+            with graph.inserting_after(weights):
+                weights = _call(graph, "to", (weights,), like=match.topk, kwargs={"dtype": dtype(chosen_weights)})
+        chosen_weights.replace_all_uses_with(weights)
+    chosen_ids.replace_all_uses_with(ids)
     erase_dead(graph, match.nodes)
     return select
+
+
+def _size(graph: Graph, node: Node, dim: int, like: Node):
+    """``node``'s size along ``dim``: an int, or read at run time where the size is dynamic."""
+    size = example_value(node).shape[dim]
+    if isinstance(size, int):
+        return size
+    return _call(graph, torch.ops.aten.sym_size.int, (node, dim), like=like)
+
+
+def selector_logits(graph: Graph, match: RouterMatch) -> Node:
+    """The [tokens, classes] logits the selector reads: the router's logits, their leading
+    ``logit_columns`` (Inkling's routed experts), [batch, seq, classes] flattened (Zaya)."""
+    logits = match.logits
+    if match.logit_columns is not None:
+        logits = _call(graph, operator.getitem, (logits, (Ellipsis, slice(None, match.logit_columns, None))),
+                       like=match.topk)
+    if example_value(logits).dim() != 2:
+        logits = _call(graph, "reshape", (logits, -1, match.classes), like=match.topk)
+    return logits
+
+
+def _as_router_shape(graph: Graph, chosen: Node, match: RouterMatch) -> Node:
+    """The selector's [tokens, k] output viewed as the router's top-k ([batch, seq, k] for a
+    [batch, seq, classes] router)."""
+    ndim = example_value(match.logits).dim()
+    if ndim == 2:
+        return chosen
+    sizes = [_size(graph, match.logits, d, match.topk) for d in range(ndim - 1)]
+    return _call(graph, "view", (chosen, *sizes, match.top_k), like=match.topk)

@@ -49,6 +49,20 @@ class RouterMatch:
     score_bias: Node | None = None  # selection-only bias (DeepSeek-V3)
     module: str = ""
     modules: dict[str, str] = field(default_factory=dict)  # enclosing module path -> class
+    # Where the selector's outputs go when they are not ``weights`` / ``ids`` (what the experts read):
+    # a router that post-processes its choice before its experts (Zaya masks its skip class) has the
+    # selector replace what it post-processes; an ids-only match replaces the ids alone and the
+    # router's own formula, which reads them, weighs the chosen experts (Inkling).
+    selected_weights: Node | None = None
+    selected_ids: Node | None = None
+    ids_only: bool = False
+    logit_columns: int | None = None  # the selector reads logits[..., :n] (Inkling: the shared experts' follow)
+    skip_class: bool = False  # the selector's last class is a free "skip" choice that runs no expert (Zaya)
+
+    @property
+    def classes(self) -> int:
+        """How many choices the selector ranks: the experts, and the skip class where there is one."""
+        return self.num_experts + self.skip_class
 
 
 RouterPattern = Callable[[Node], "RouterMatch | str"]
@@ -104,19 +118,21 @@ def match_router(topk: Node) -> RouterMatch | str:
 
 # --- shared pieces ----------------------------------------------------------------------
 
-def topk_args(topk: Node) -> tuple[Node, int] | str:
-    """(input, k) of a router's ``torch.topk`` over the experts, or why it is not one."""
+def topk_args(topk: Node, max_dims: int = 2) -> tuple[Node, int] | str:
+    """(input, k) of a router's ``torch.topk`` over the experts, or why it is not one. With
+    ``max_dims=3`` the input may also be [batch, seq, experts] (Zaya's router)."""
     scores = arg(topk, 0, "input")
     k = arg(topk, 1, "k")
     if not isinstance(scores, Node) or not isinstance(k, int):
         return "top-k size is not a constant"
     scores_shape = shape(scores)
-    if scores_shape is None or len(scores_shape) != 2:
-        return f"top-k input is not a 2-D [tokens, experts] tensor (shape {scores_shape})"
-    if not is_last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
+    if scores_shape is None or not 2 <= len(scores_shape) <= max_dims:
+        also = " or [batch, seq, experts]" if max_dims > 2 else ""
+        return f"top-k input is not a 2-D [tokens, experts]{also} tensor (shape {scores_shape})"
+    if not is_last_dim(arg(topk, 2, "dim", -1), len(scores_shape)) or not arg(topk, 3, "largest", True):
         return "top-k is not over the largest entries of the last dim"
-    if not 1 <= k <= scores_shape[1]:
-        return f"top-k size {k} is outside [1, {scores_shape[1]}]"
+    if not 1 <= k <= scores_shape[-1]:
+        return f"top-k size {k} is outside [1, {scores_shape[-1]}]"
     return scores, k
 
 
@@ -156,9 +172,11 @@ def _view_family(root: Node) -> set[Node]:
     return family
 
 
-def logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
+def logits_source(logits: Node, router: str = "") -> tuple[Node, set[Node]] | str:
     """The layer input behind router logits computed by a linear layer, possibly transformed
-    elementwise after it (``logit_transform_input``: a multiplier, a tanh softcap, casts)."""
+    elementwise after it (``logit_transform_input``: a multiplier, a tanh softcap, casts).
+    ``router``: the router's module path; a linear that reads a tensor the router computes
+    itself is the last layer of a router network (``network_input``)."""
     linear = logits
     while op_kind(linear) != "linear":
         before = logit_transform_input(linear)
@@ -166,9 +184,28 @@ def logits_source(logits: Node) -> tuple[Node, set[Node]] | str:
             return f"router scores come from {op_kind(linear)}, not a linear layer"
         linear = before
     found = layer_input(normalised_input(arg(linear, 0, "input")))
+    if found is not None and router and found[0].op != "placeholder" and router in module_stack(found[0]):
+        found = network_input(linear, router) or found
     if found is None:
         return "the router does not read a [tokens, hidden] view of the layer input"
     return found
+
+
+def network_input(linear: Node, router: str) -> tuple[Node, set[Node]] | None:
+    """The layer input of a router that computes its logits with a network of its own (Zaya's:
+    a down-projection, an RMSNorm, two GELU layers, then the logits' linear): the one tensor made
+    outside the router module that a linear inside it reads (Zaya's later layers also add a state
+    carried from the previous layer's router, which no linear reads). Only the layer input's
+    shape and views are needed (the shape rule, the experts' input); the network stays as it is."""
+    def outside(node: Node) -> bool:
+        return router not in module_stack(node) or is_param_source(node)
+
+    region = backward_region(linear, outside)
+    if region is None:
+        return None
+    entries = {strip(arg(n, 0, "input"), {"cast", "view"}) for n in region if op_kind(n) == "linear"}
+    entries = [n for n in entries if isinstance(n, Node) and n not in region]  # (a graph input is a placeholder)
+    return layer_input(entries[0]) if len(entries) == 1 else None
 
 
 def logit_transform_input(node: Node) -> Node | None:
@@ -243,8 +280,8 @@ def _tiny_epsilon(node: Node) -> float | None:
     return eps if eps is not None and 0 <= eps <= 1e-6 else None
 
 
-def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
-    """Renormalisation and scaling applied to top-k weights.
+def weight_transforms(weights: Node, ndim: int = 2) -> tuple[Node, bool, float] | str:
+    """Renormalisation and scaling applied to top-k weights (``ndim``: theirs).
 
     Recognises ``w / w.sum(-1, keepdim=True)`` (optionally ``+ eps`` or ``.clamp(min=eps)`` in
     the denominator (ERNIE-4.5's ``norm_min``), in place or not) and then ``w * constant``.
@@ -255,7 +292,7 @@ def weight_transforms(weights: Node) -> tuple[Node, bool, float] | str:
     sums = [u for u in users if op_kind(u) == "sum" and u.args[0] is node]
     if sums:
         total = sums[0]
-        if not is_last_dim(arg(total, 1, "dim"), 2) or not arg(total, 2, "keepdim", False):
+        if not is_last_dim(arg(total, 1, "dim"), ndim) or not arg(total, 2, "keepdim", False):
             return "top-k weights are summed over something other than the experts dim"
         denominator = total
         if len(total.users) == 1 and op_kind(next(iter(total.users))) in ("add", "clamp"):
@@ -284,7 +321,7 @@ def match_group_mask(masked: Node) -> tuple[Node, int, int, str, Node] | str:
     scores, invert = masked.args[0], arg(masked, 1, "mask")
     to_bool = invert.args[0] if isinstance(invert, Node) and invert.target is operator.invert else None
     expanded = strip(to_bool, {"cast", "view"}) if to_bool is not None else None
-    if op_kind(expanded) != "zeros_like":
+    if not isinstance(expanded, Node) or op_kind(expanded) != "zeros_like":
         return "the score mask is not built from a group mask"
     scatters = [u for u in expanded.users if mutates(u, expanded) and op_kind(u) == "scatter"]
     if len(scatters) != 1:
@@ -326,7 +363,7 @@ def score_function(node: object) -> tuple[str, Node] | None:
     """``(scoring, logits)`` of a router's score function over the experts: softmax, sigmoid or
     ``sqrt(softplus(L))`` (DeepSeek-V4); None for anything else."""
     kind = op_kind(node) if isinstance(node, Node) else None
-    if kind == "softmax" and is_last_dim(arg(node, 1, "dim"), 2):
+    if kind == "softmax" and is_last_dim(arg(node, 1, "dim"), len(shape(node) or (0, 0))):
         return "softmax", arg(node, 0, "input")
     if kind == "sigmoid" and len(node.args) == 1:
         return "sigmoid", node.args[0]
@@ -336,6 +373,81 @@ def score_function(node: object) -> tuple[str, Node] | None:
         if op_kind(inner) in ("fn:softplus", "method:softplus") and default_softplus:
             return "sqrtsoftplus", inner.args[0]
     return None
+
+
+_SAME_VALUES = frozenset({"cast", "method:detach"})  # (a cast widens scores or is a no-op in a router)
+
+
+def scored_columns(scores: Node) -> tuple[Node, int | None]:
+    """What ranked scores are read from: the score node behind casts and ``detach()`` (Zaya ranks
+    ``probs.detach().float() + bias``), and the leading columns taken of it, None for all
+    (Inkling ranks ``sigmoid(L)[..., :-S]``: its last S columns are its shared experts')."""
+    node = strip(scores, _SAME_VALUES)
+    sliced = leading_columns(node)
+    return (node, None) if sliced is None else (strip(sliced[0], _SAME_VALUES), sliced[1])
+
+
+def leading_columns(node: object) -> tuple[Node, int] | None:
+    """``(x, n)`` when ``node`` is ``x[..., :n]`` of a 2-D ``x`` (also ``x[:, :n]``, or ``:-m`` for the
+    first ``columns - m``), with ``0 < n < columns``; else None."""
+    if op_kind(node) != "getitem" or len(node.args) != 2 or not isinstance(node.args[1], tuple):
+        return None
+    x, index = node.args
+    x_shape = shape(x)
+    if x_shape is None or len(x_shape) != 2 or len(index) != 2 or not isinstance(x_shape[1], int):
+        return None
+    rows, columns = index
+    if rows is not Ellipsis and rows != slice(None) or not isinstance(columns, slice):
+        return None
+    if columns.start not in (None, 0) or columns.step not in (None, 1) or not isinstance(columns.stop, int):
+        return None
+    count = columns.stop if columns.stop >= 0 else x_shape[1] + columns.stop
+    return (x, count) if 0 < count < x_shape[1] else None
+
+
+def _chain(node: Node) -> set[Node]:
+    """``node`` and what it is a cast, ``detach()`` or leading-column slice of (the same scores)."""
+    found = set()
+    while isinstance(node, Node) and node not in found:
+        found.add(node)
+        if op_kind(node) in _SAME_VALUES and node.args:
+            node = node.args[0]
+        elif leading_columns(node) is not None:
+            node = node.args[0]
+        else:
+            break
+    return found
+
+
+def skip_class(weights: Node, ids: Node, classes: int) -> tuple[Node, Node] | str | None:
+    """Zaya's free "skip" class: the router's last class (id ``classes - 1``) runs no expert, and the
+    router masks it before its experts read the choice: ``skip = ids == classes - 1``,
+    ``weights.masked_fill(skip, 0)``, ``ids.masked_fill(skip, 0)``. Returns the masked (weights, ids)
+    as the experts read them ([tokens, k], after any reshape), None when the ids are not compared
+    with the last class, or why the masking is not that."""
+    tests = [u for u in ids.users if op_kind(u) in ("fn:eq", "method:eq") and u.args[0] is ids]
+    if not tests:
+        return None
+    if len(tests) != 1 or tests[0].args[1:] != (classes - 1,):
+        return f"the chosen ids are compared with something other than the last class ({classes - 1})"
+    fills = {f.args[0]: f for f in tests[0].users if op_kind(f) == "masked_fill" and len(f.args) == 3
+             and f.args[1] is tests[0] and f.args[2] in (0, 0.0) and not f.kwargs}
+    if len(tests[0].users) != 2 or set(fills) != {weights, ids}:
+        return f"choosing the last class ({classes - 1}) does not set exactly its weight and id to 0"
+    flat = [_as_rows(fills[weights]), _as_rows(fills[ids])]
+    if any(node is None for node in flat):
+        return "the masked weights and ids are not viewed as [tokens, k] for the experts"
+    return flat[0], flat[1]
+
+
+def _as_rows(node: Node) -> Node | None:
+    """``node`` if 2-D, else its one-user view chain's first 2-D view ([batch, seq, k] -> [tokens, k])."""
+    while shape(node) is not None and len(shape(node)) != 2:
+        user = next(iter(node.users)) if len(node.users) == 1 else None
+        if user is None or op_kind(user) != "view" or user.args[0] is not node:
+            return None
+        node = user
+    return node if shape(node) is not None else None
 
 
 def selection_bias(choice: Node, num_experts: int) -> tuple[Node, Node] | None:
@@ -358,8 +470,10 @@ def _fill_fits(fill: float | None, biased: bool) -> str | None:
     return f"a group limit that fills the other groups with {fill}, not -inf" + ("" if biased else " or 0")
 
 
-def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) -> RouterMatch | str:
-    source = logits_source(logits)
+def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None, **extra) -> RouterMatch | str:
+    """The match, with the layer input found behind the logits. ``extra``: RouterMatch's optional
+    fields (``selected_*``, ``ids_only``, ``logit_columns``, ``skip_class``)."""
+    source = logits_source(logits, module_path(topk))
     if isinstance(source, str):
         return source
     root, aliases = source
@@ -368,10 +482,11 @@ def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None) ->
         return node is logits or node.op in ("placeholder", "get_attr")
 
     nodes = (backward_region(weights, stop) or set()) | (backward_region(ids, stop) or set())
+    classes = extra.get("logit_columns") or shape(logits)[-1]
     return RouterMatch(
         pattern=pattern, topk=topk, logits=logits, weights=weights, ids=ids, nodes=nodes, top_k=top_k,
-        num_experts=shape(logits)[1], rule=rule, layer_input=root, hidden_aliases=aliases,
-        score_bias=score_bias, module=module_path(topk), modules=module_stack(topk),
+        num_experts=classes - extra.get("skip_class", False), rule=rule, layer_input=root, hidden_aliases=aliases,
+        score_bias=score_bias, module=module_path(topk), modules=module_stack(topk), **extra,
     )
 
 
@@ -426,34 +541,41 @@ def sigmoid_topk(topk: Node) -> RouterMatch | str:
     return scored_topk(topk, "sigmoid_topk", ("sigmoid", "sqrtsoftplus"))
 
 
-def ranked_choice(topk: Node):
+def ranked_choice(topk: Node, max_dims: int = 2):
     """What a router's top-k ranks: ``(choice, group, fill, k, biased)`` with the choice under an
     optional group limit (``group_limit``) and ``biased`` its ``(x, bias)`` split if it adds a
     per-expert bias (``selection_bias``), else None; or why the top-k is not a router's."""
-    parsed = topk_args(topk)
+    parsed = topk_args(topk, max_dims)
     if isinstance(parsed, str):
         return parsed
+    if len(shape(parsed[0])) != 2 and op_kind(parsed[0]) == "masked_fill":
+        return "the top-k ranks masked [batch, seq, experts] scores (group limits are read on [tokens, experts])"
     limited = group_limit(parsed[0])
     if isinstance(limited, str):
         return limited
     choice, group, fill = limited
-    return choice, group, fill, parsed[1], selection_bias(choice, shape(parsed[0])[1])
+    return choice, group, fill, parsed[1], selection_bias(choice, shape(parsed[0])[-1])
 
 
 def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMatch | str:
     """A router that scores the experts, ranks by the scores (plus a selection bias) and weighs
-    by the unbiased scores of the chosen experts."""
-    ranked = ranked_choice(topk)
+    by the unbiased scores of the chosen experts; the scores may be [batch, seq, experts] and
+    their last class a free skip choice (Zaya: ``skip_class``)."""
+    ranked = ranked_choice(topk, max_dims=3)
     if isinstance(ranked, str):
         return ranked
     choice, group, fill, k, biased = ranked
+    ndim = len(shape(choice))
     scores, bias = biased or (choice, None)
-    found = score_function(scores)
+    source, columns = scored_columns(scores)
+    found = score_function(source)
     if found is None or found[0] not in scorings:
         if op_kind(choice) == "add" and biased is None and score_function(choice.args[0]) is not None:
             return "the selection scores add something other than a per-expert bias buffer"
-        return f"top-k input is {op_kind(scores)}, not {' or '.join(scorings)} scores"
+        return f"top-k input is {op_kind(source)}, not {' or '.join(scorings)} scores"
     scoring, logits = found
+    if columns is not None and scoring == "softmax":
+        return "the top-k ranks some columns of a softmax taken over more columns"
     misfit = _fill_fits(fill, bias is not None)
     if misfit:
         return misfit
@@ -466,16 +588,29 @@ def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMa
     if values is not None:  # no bias: the top-k values are the chosen scores (inside the allowed groups)
         chosen = values
     else:
-        gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] is scores]
-        if len(gathers) != 1 or not is_last_dim(arg(gathers[0], 1, "dim"), 2):
+        same = _chain(scores)
+        gathers = [u for u in ids.users if op_kind(u) == "gather" and u.args[0] in same]
+        if len(gathers) != 1 or not is_last_dim(arg(gathers[0], 1, "dim"), ndim):
             return "the weights are not the router's scores gathered at the chosen experts"
         chosen = gathers[0]
-    transformed = weight_transforms(chosen)
+    transformed = weight_transforms(chosen, ndim)
     if isinstance(transformed, str):
         return transformed
     weights, renormalize, scale = transformed
     rule = RouterRule(scoring, renormalize, False, *group, scale)
-    return _build(pattern, topk, logits, weights, ids, k, rule, score_bias=bias)
+    extra = {"logit_columns": columns}
+    skip = skip_class(weights, ids, shape(choice)[-1])
+    if isinstance(skip, str):
+        return skip
+    if skip is not None:
+        if rule.grouped:
+            return "a skip class under a group limit"
+        extra.update(selected_weights=weights, selected_ids=ids, skip_class=True)
+        weights, ids = skip
+    elif ndim != 2:
+        return (f"the router's choice is {ndim}-D ({shape(choice)}): only a router with a skip class is read "
+                "as [batch, seq, experts]")
+    return _build(pattern, topk, logits, weights, ids, k, rule, score_bias=bias, **extra)
 
 
 @router_pattern("logit_bias_topk")
