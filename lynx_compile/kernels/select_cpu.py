@@ -1,4 +1,4 @@
-"""The selector's choice steps as two CPU ops (``select_cpu.cpp``): schemas, fakes, build.
+"""The selector's choice steps as CPU ops (``select_cpu.cpp``): schemas, fakes, build.
 
 ``lynx::affinity_kept`` is ``policies.affinity_binning.kept_experts`` and ``lynx::choose_in_kept``
 the choice of ``policies.rules.finish`` (plus the plain top-k the plain-mass weights need);
@@ -31,8 +31,6 @@ _lib.define("affinity_kept(Tensor rank, Tensor affinity, Tensor voters, int top_
             "int[] depth_limits) -> Tensor")
 _lib.define("choose_in_kept(Tensor rank, Tensor kept, Tensor confined, Tensor healthy, int top_k, bool refill, "
             "bool with_plain) -> (Tensor, Tensor, Tensor)")
-
-
 _lib.define("affinity_choose(Tensor rank, Tensor affinity, Tensor voters, Tensor confined, Tensor healthy, "
             "int top_k, float alpha, int[] depth_limits, bool with_plain) -> (Tensor, Tensor, Tensor)")
 
