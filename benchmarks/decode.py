@@ -194,6 +194,25 @@ def decode(forward, cache, first: torch.Tensor, start: int, steps: int):
     return times, torch.stack(tokens, dim=1)
 
 
+def interleaved_steps(forwards, caches, names, first: torch.Tensor, start: int, steps: int, rep: int):
+    """One timed repetition: ``steps`` decode steps from ``start`` with one step of every backend
+    in turn, the order rotating every step (so a burst of other load hits all backends alike).
+    Yields ``(step, backend, seconds)``."""
+    names = list(names)
+    tokens = dict.fromkeys(names, first)
+    for name in names:
+        rewind(caches[name], start)
+    for step in range(steps):
+        position = torch.tensor([start + step])
+        shift = (rep + step) % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            out = forwards[name](input_ids=tokens[name][:, None], cache=caches[name], cache_position=position,
+                                 use_cache=True)
+            tokens[name] = out.logits[:, -1].argmax(-1)
+            yield step, name, time.perf_counter() - t0
+
+
 class ExpertsInputCounter:
     """Distinct experts per experts-module call, from the experts' inputs (eager runs)."""
 
@@ -458,23 +477,11 @@ def main(argv=None):
             if selector_logits and lynx_on:
                 selector_rows.append(time_selector(batch, selector_logits, lynx_on, shape, dtype))
 
-            # Timed runs: one decode step of every backend in turn (the order rotates every
-            # step), so a burst of other load hits all backends alike; no recompiles allowed.
+            # Timed runs, the backends interleaved step by step; no recompiles allowed.
             with torch.compiler.set_stance("fail_on_recompile"):
                 for rep in tqdm(range(args.reps), desc=f"  batch {batch} reps", leave=False):
-                    tokens = dict.fromkeys(names, first)
-                    for name in names:
-                        rewind(caches[name], P)
-                    for step in range(args.steps):
-                        position = torch.tensor([P + step])
-                        shift = (rep + step) % len(names)
-                        for name in names[shift:] + names[:shift]:
-                            t0 = time.perf_counter()
-                            out = forwards[name](input_ids=tokens[name][:, None], cache=caches[name],
-                                                 cache_position=position, use_cache=True)
-                            tokens[name] = out.logits[:, -1].argmax(-1)
-                            step_rows.append(dict(backend=name, batch=batch, rep=rep, step=step,
-                                                  seconds=time.perf_counter() - t0))
+                    for step, name, seconds in interleaved_steps(forwards, caches, names, first, P, args.steps, rep):
+                        step_rows.append(dict(backend=name, batch=batch, rep=rep, step=step, seconds=seconds))
             meta["selector_op"] = selector_rows
             results = decode_report.summarise(args, meta, step_rows, routing, warmups, tokens_same, names)
             decode_report.write_all(out_dir, args, meta, results, step_rows)

@@ -62,18 +62,9 @@ def sweep(model, batches, prompt_len: int, steps: int, reps: int) -> list[dict]:
         seconds = {name: [] for name in NAMES}
         with torch.compiler.set_stance("fail_on_recompile"):
             for rep in tqdm(range(reps), desc=f"  batch {batch}", leave=False):
-                tokens = dict.fromkeys(NAMES, first)
-                for name in NAMES:
-                    decode.rewind(caches[name], prompt_len)
-                for step in range(steps):
-                    position = torch.tensor([prompt_len + step])
-                    shift = (rep + step) % len(NAMES)
-                    for name in NAMES[shift:] + NAMES[:shift]:
-                        t0 = time.perf_counter()
-                        out = forwards[name](input_ids=tokens[name][:, None], cache=caches[name],
-                                             cache_position=position, use_cache=True)
-                        tokens[name] = out.logits[:, -1].argmax(-1)
-                        seconds[name].append(time.perf_counter() - t0)
+                for _, name, step_seconds in decode.interleaved_steps(forwards, caches, NAMES, first, prompt_len,
+                                                                      steps, rep):
+                    seconds[name].append(step_seconds)
         tok_s = {name: batch / decode.median(seconds[name]) for name in NAMES}
         rows.append(dict(batch=batch, tok_s=tok_s, distinct=distinct))
     return rows

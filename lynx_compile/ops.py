@@ -156,5 +156,5 @@ def _cuda_kernels():
 def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args,
       post_norm_weight=None, post_norm="none", post_norm_args=None):
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
-    check_post_norm(post_norm, post_norm_weight, list(post_norm_args or ()), hidden.shape[-1])
+    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden.shape[-1])
     return torch.empty_like(hidden)

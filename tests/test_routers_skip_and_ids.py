@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from family_zoo import build
+from test_router_rules import router_matches  # a module's router matches, as the pass reads them
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import lynx_compile
 from lynx_compile import capture_routing
 from lynx_compile.passes.graph_utils import op_kind, shape
-from lynx_compile.passes.routers import RouterMatch, match_router, router_candidates
+from lynx_compile.passes.routers import RouterMatch
 from lynx_compile.policies.rules import RouterRule, route_plain
 from lynx_compile.selector import reference_route
 
@@ -154,20 +155,6 @@ def test_inkling_block_with_the_selector_off_is_the_eager_block(inkling_block):
 
 
 # --- the pieces, on small routers -----------------------------------------------------
-
-def router_matches(module, *args) -> list:
-    graphs = []
-
-    def keep_graph(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(module, backend=keep_graph, fullgraph=True)(*args)
-    (gm,) = graphs
-    return [match_router(n) for n in router_candidates(gm.graph.nodes) if op_kind(n) == "topk"]
-
 
 class SkipGate(nn.Module):
     """Zaya's router in small: an MLP to E + 1 logits over [batch, seq], a skip prior."""

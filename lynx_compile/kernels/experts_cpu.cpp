@@ -567,7 +567,8 @@ void run(const Args& a) {
   c10::BFloat16* Ab = Ab_v.data();
   const uint16_t* hidden_bf16 = static_cast<const uint16_t*>(a.hidden);
   const bool direct_x = a.hidden_dtype == F32;
-  if (!direct_x) X_v.resize(a.T * H);
+  const bool convert_x = !direct_x && !gate_bf16;  // the fp32 copy of the hidden rows the fp32 kernels read
+  if (convert_x) X_v.resize(a.T * H);
   A_v.resize(P * I);
   Y_v.resize(P * H);
   float* X = X_v.data();
@@ -585,7 +586,7 @@ void run(const Args& a) {
 #pragma omp parallel num_threads(a.threads)
   {
     static thread_local Thread th;
-    if (!direct_x) {
+    if (convert_x) {
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < a.T; t++) {
         if (a.hidden_dtype == BF16) hidden_to_f32<c10::BFloat16>(a, t, X + t * H);
@@ -599,9 +600,12 @@ void run(const Args& a) {
       const int64_t e = active[ai], s0 = start[ai], R = start[ai + 1] - s0;
       const int64_t nj = std::min(gate_block, I - j0);
       th.rows.resize(R);
-      for (int64_t r = 0; r < R; r++) th.rows[r] = x_base + (order[s0 + r] / a.k) * x_ld;
       th.rows_bf16.resize(R);
-      for (int64_t r = 0; r < R; r++) th.rows_bf16[r] = hidden_bf16 + (order[s0 + r] / a.k) * a.hidden_ld;
+      for (int64_t r = 0; r < R; r++) {
+        const int64_t t = order[s0 + r] / a.k;
+        if (gate_bf16) th.rows_bf16[r] = hidden_bf16 + t * a.hidden_ld;
+        else th.rows[r] = x_base + t * x_ld;
+      }
       const uint16_t* const* xb = gate_bf16 ? th.rows_bf16.data() : nullptr;
       th.gate.resize(R * 2 * nj);
       th.up.resize(R * nj);
@@ -645,9 +649,11 @@ void run(const Args& a) {
       const int64_t e = active[ai], s0 = start[ai], R = start[ai + 1] - s0;
       const int64_t nh = std::min(down_block, H - h0);
       th.rows.resize(R);
-      for (int64_t r = 0; r < R; r++) th.rows[r] = A + (s0 + r) * I;
       th.rows_bf16.resize(R);
-      for (int64_t r = 0; r < R; r++) th.rows_bf16[r] = reinterpret_cast<const uint16_t*>(Ab + (s0 + r) * I);
+      for (int64_t r = 0; r < R; r++) {
+        if (down_bf16) th.rows_bf16[r] = reinterpret_cast<const uint16_t*>(Ab + (s0 + r) * I);
+        else th.rows[r] = A + (s0 + r) * I;
+      }
       float* y = Y + s0 * H + h0;
       project<T>(a.down, e, I, h0, nh, th.rows.data(), R, y, H, th.acc, down_bf16 ? th.rows_bf16.data() : nullptr);
       if (a.b_down)

@@ -27,7 +27,6 @@ import torch
 from . import experts_cpu_fused
 from .experts_ref import (
     check_call_shapes, check_expert_ids, check_experts_args, check_post_norm, expert_mlp, post_norm_rows,
-    post_norm_scale,
 )
 
 _TRANSPOSED = ("gate_up_concat_t", "gate_up_interleaved_t")
@@ -101,9 +100,7 @@ def grouped_experts_cpu(
     hidden_size, inter_size = expert_sizes(layout, w_gate_up, w_down, w_up)
     check_call_shapes(hidden, topk_ids, topk_weights, w_gate_up, b_gate_up, b_down, hidden_size, inter_size)
     check_expert_ids(topk_ids, w_gate_up.shape[0])
-    post_norm_args = list(post_norm_args or ())
-    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden_size)
-    norm = (post_norm, post_norm_scale(post_norm_weight) if post_norm_weight is not None else None, post_norm_args)
+    norm = check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden_size)
     num_tokens, top_k = topk_ids.shape
     geometry = experts_cpu_fused.weight_geometry(w_gate_up, w_down, w_up, b_gate_up, b_down, layout, inter_size)
     if isinstance(geometry, tuple) and hidden.dtype not in experts_cpu_fused.DTYPE_CODES:

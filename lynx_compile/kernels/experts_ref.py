@@ -104,8 +104,10 @@ def check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, l
         raise ValueError(f"layout {layout!r} takes no biases")
 
 
-def check_post_norm(post_norm, weight, args, hidden_size) -> None:
-    """The post-expert norm's name, weight ([H] floats, only with a norm) and post_norm_args."""
+def check_post_norm(post_norm, weight, args, hidden_size) -> tuple[str, torch.Tensor | None, list[float]]:
+    """The post-expert norm's name, weight ([H] floats, only with a norm) and post_norm_args
+    (None: none), checked; returned as the kernels take it: (name, fp32 scale 1 + w or None, args)."""
+    args = list(args or ())
     if post_norm not in POST_NORMS:
         raise ValueError(f"unknown post-expert norm {post_norm!r}; valid: {', '.join(POST_NORMS)}")
     names = POST_NORMS[post_norm]
@@ -115,12 +117,13 @@ def check_post_norm(post_norm, weight, args, hidden_size) -> None:
     if post_norm == "none":
         if weight is not None:
             raise ValueError("post_norm_weight given without a post-expert norm")
-        return
+        return post_norm, None, args
     if weight is None or weight.dim() != 1 or weight.shape[0] != hidden_size or not weight.dtype.is_floating_point:
         got = None if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
         raise ValueError(f"post-expert norm {post_norm!r} needs a float [{hidden_size}] post_norm_weight, got {got}")
     if not args[0] >= 0:
         raise ValueError(f"post-expert norm {post_norm!r} needs eps >= 0, got {args[0]}")
+    return post_norm, post_norm_scale(weight), args
 
 
 def post_norm_scale(weight: torch.Tensor) -> torch.Tensor:
@@ -194,11 +197,9 @@ def grouped_experts_reference(
     post_norm_args=(),
 ) -> torch.Tensor:
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, list(activation_args))
-    post_norm_args = list(post_norm_args or ())
-    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden.shape[-1])
+    post_norm, scale, post_norm_args = check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden.shape[-1])
     num_experts = w_gate_up.shape[0]
     check_expert_ids(topk_ids, num_experts)
-    scale = post_norm_scale(post_norm_weight) if post_norm_weight is not None else None
     x = hidden.float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .experts_ref import check_call_shapes, check_experts_args, check_post_norm, post_norm_scale
+from .experts_ref import check_call_shapes, check_experts_args, check_post_norm
 from .triton_experts_config import ExpertsConfig, default_config
 from .triton_experts_gemm import (
     GELU, GELU_TANH, RELU, RELU2, SILU, SILU_CLAMPED, SWIGLU_OAI, SWIGLU_SOFTCAPPED, down_kernel, gate_up_kernel,
@@ -120,11 +120,10 @@ def grouped_experts_triton(
     dtype and shape (``norm``: the post-expert norm, if any). ``out`` (contiguous, that dtype and
     shape) receives the result if given."""
     activation_args = list(activation_args)
-    post_norm_args = list(post_norm_args or ())
     check_experts_args(w_gate_up, w_down, w_up, b_gate_up, b_down, activation, layout, activation_args)
     hidden_size, inter_size, gate_up_geo, down_geo = _layout_geometry(layout, w_gate_up, w_up, w_down, b_gate_up)
     _check_tensors(hidden, topk_ids, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_down, hidden_size, inter_size)
-    check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden_size)
+    post_norm, post_scale, post_norm_args = check_post_norm(post_norm, post_norm_weight, post_norm_args, hidden_size)
     if post_norm_weight is not None and post_norm_weight.device != hidden.device:
         raise ValueError(f"post_norm_weight must be on {hidden.device}, got {post_norm_weight.device}")
     num_tokens, top_k = topk_ids.shape
@@ -180,7 +179,7 @@ def grouped_experts_triton(
     if normed:  # each row's splits summed, normed and weighted into split 0
         row_block = 1 << (hidden_size - 1).bit_length()
         post_norm_kernel[(num_pairs,)](
-            partial, ids, routed, post_norm_scale(post_norm_weight).contiguous(), hidden_size, num_pairs, num_splits,
+            partial, ids, routed, post_scale.contiguous(), hidden_size, num_pairs, num_splits,
             num_experts, float(post_norm_args[0]), ROUND=_TL_DTYPES[hidden.dtype], BLOCK_H=row_block,
             num_warps=min(16, max(1, row_block // 256)),
         )

@@ -20,12 +20,11 @@ from .graph_utils import dtype, module_path, module_stack, op_kind, same_sizes, 
 from .routers import (
     RouterMatch,
     _build,
-    _fill_fits,
     ranked_choice,
     router_pattern,
     score_function,
     scored_columns,
-    topk_outputs,
+    scored_outputs,
 )
 
 
@@ -42,12 +41,7 @@ def scored_ids(topk: Node) -> RouterMatch | str:
     if found is None:
         return f"top-k input is {op_kind(source)}, not scores of router logits"
     scoring, logits = found
-    if columns is not None and scoring == "softmax":
-        return "the top-k ranks some columns of a softmax taken over more columns"
-    misfit = _fill_fits(fill, bias is not None)
-    if misfit:
-        return misfit
-    outputs = topk_outputs(topk, need_values=False)
+    outputs = scored_outputs(topk, scoring, columns, fill, bias is not None)
     if isinstance(outputs, str):
         return outputs
     values, ids = outputs

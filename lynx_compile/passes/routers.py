@@ -470,6 +470,18 @@ def _fill_fits(fill: float | None, biased: bool) -> str | None:
     return f"a group limit that fills the other groups with {fill}, not -inf" + ("" if biased else " or 0")
 
 
+def scored_outputs(topk: Node, scoring: str, columns: int | None, fill: float | None,
+                   biased: bool) -> tuple[Node | None, Node] | str:
+    """The top-k's (values or None, ids) once its scores are known, or why the choice they make
+    is not one the selector can make: a softmax read in part, a group fill that can reorder."""
+    if columns is not None and scoring == "softmax":
+        return "the top-k ranks some columns of a softmax taken over more columns"
+    misfit = _fill_fits(fill, biased)
+    if misfit:
+        return misfit
+    return topk_outputs(topk, need_values=False)
+
+
 def _build(pattern, topk, logits, weights, ids, top_k, rule, score_bias=None, **extra) -> RouterMatch | str:
     """The match, with the layer input found behind the logits. ``extra``: RouterMatch's optional
     fields (``selected_*``, ``ids_only``, ``logit_columns``, ``skip_class``)."""
@@ -574,12 +586,7 @@ def scored_topk(topk: Node, pattern: str, scorings: tuple[str, ...]) -> RouterMa
             return "the selection scores add something other than a per-expert bias buffer"
         return f"top-k input is {op_kind(source)}, not {' or '.join(scorings)} scores"
     scoring, logits = found
-    if columns is not None and scoring == "softmax":
-        return "the top-k ranks some columns of a softmax taken over more columns"
-    misfit = _fill_fits(fill, bias is not None)
-    if misfit:
-        return misfit
-    outputs = topk_outputs(topk, need_values=False)
+    outputs = scored_outputs(topk, scoring, columns, fill, bias is not None)
     if isinstance(outputs, str):
         return outputs
     values, ids = outputs
