@@ -18,10 +18,13 @@ Both sides run interleaved in one process, ``--reps`` times per row, medians rep
   gathers compiled around ``torch._grouped_mm`` in bf16 or ``transformers::grouped_mm_fallback``
   in fp32), dynamic batch size.
 Bytes read per call = distinct experts x 3*H*I x element size: what both have to read.
-Streaming bandwidth = the larger of two plain reads timed between the rows: the sum of a 256 MB
-fp32 tensor, and the layer's own gate_up weights read as integers (max), the same memory the
-experts kernels stream (for a layer that fits in cache, the 256 MB sum alone).
-"% of streaming" = (bytes read / median call time) / that bandwidth.
+Streaming bandwidth = the larger of two plain reads, each timed 3 times just before and 3 times
+just after the row's calls (medians): the sum of a 256 MB fp32 tensor, and the layer's own gate_up
+weights read as integers (max), the same memory the experts kernels stream (for a layer that fits
+in cache, the 256 MB sum alone). Per row, because a shared host's bandwidth moves within minutes
+(between 37 and 66 GB/s on one machine here); not between the timed calls, because the calls
+right after a 256 MB read run cold.
+"% of streaming" = (bytes read / median call time) / that row's bandwidth.
 Other processes on the machine lower every number; the load average is printed with the table.
 """
 
@@ -109,8 +112,11 @@ class Bandwidth:
                 read(tensor)
                 self.samples[name].append(tensor.numel() * tensor.element_size() / (time.perf_counter() - start) / 1e9)
 
-    def gbps(self) -> dict:
-        return {name: median(s) for name, s in self.samples.items()}
+    def take(self) -> dict:
+        """The medians of the samples since the last take."""
+        medians = {name: median(s) for name, s in self.samples.items()}
+        self.samples = {name: [] for name in self.samples}
+        return medians
 
 
 def time_call(fn, *args) -> float:
@@ -130,7 +136,7 @@ def decode_rows(shape: Shape, dtype: torch.dtype, batches, reps, gen, progress):
     hf = torch.compile(HFExperts(w_gate_up, w_down).eval(), dynamic=True)
     expert_bytes = 3 * shape.hidden * shape.inter * w_gate_up.element_size()
     bandwidth = Bandwidth(w_gate_up)
-    bandwidth.sample()
+    layer_mb = (w_gate_up.numel() + w_down.numel()) * w_gate_up.element_size() / 1e6
 
     def lynx(hidden, ids, weights):
         return torch.ops.lynx.grouped_experts(hidden, ids, weights, w_gate_up, w_down, None, None, None,
@@ -141,7 +147,7 @@ def decode_rows(shape: Shape, dtype: torch.dtype, batches, reps, gen, progress):
         hidden = torch.randn(batch, shape.hidden, generator=gen).to(dtype)
         ids, weights = routing(batch, shape.experts, shape.top_k, gen)
         weights = weights.to(dtype)  # transformers' routers hand the experts weights in the model's dtype
-        # Bandwidth between rows, not between timed calls: on some machines the first calls
+        # Bandwidth around the row, not between timed calls: on some machines the first calls
         # after a 256 MB read run cold (a few hundred us), which swamps the small shapes.
         bandwidth.sample()
         ref = hf(hidden, ids, weights)  # compiles (once per shape, dynamic batch), and warms up
@@ -152,19 +158,17 @@ def decode_rows(shape: Shape, dtype: torch.dtype, batches, reps, gen, progress):
             times["lynx"].append(time_call(lynx, hidden, ids, weights))
             times["inductor"].append(time_call(hf, hidden, ids, weights))
             progress.update(1)
+        bandwidth.sample()
+        bw = bandwidth.take()
+        # the reference: the faster plain read, where the layer is too big for any cache
+        bw["reference"] = max(bw["sum_256MB"], bw["layer_weight"]) if layer_mb > 256 else bw["sum_256MB"]
         distinct = ids.unique().numel()
         path = experts_cpu.choose_path(batch, shape.top_k, shape.experts, dtype)
         rows.append(dict(batch=batch, distinct=distinct, mb=distinct * expert_bytes / 1e6, path=path,
-                         lynx_s=median(times["lynx"]), inductor_s=median(times["inductor"])))
-    bandwidth.sample()
-    bw = bandwidth.gbps()
-    layer_mb = (w_gate_up.numel() + w_down.numel()) * w_gate_up.element_size() / 1e6
-    # the reference: the faster plain read, where the layer is too big for any cache
-    bw["reference"] = max(bw["sum_256MB"], bw["layer_weight"]) if layer_mb > 256 else bw["sum_256MB"]
-    bw["layer_mb"] = layer_mb
+                         lynx_s=median(times["lynx"]), inductor_s=median(times["inductor"]), bw=bw))
     del hf, w_gate_up, w_down
     torch._dynamo.reset()
-    return rows, bw
+    return rows, layer_mb
 
 
 def crossover_rows(shape: Shape, dtype: torch.dtype, batches, reps, gen, progress):
@@ -236,9 +240,9 @@ def main():
                               f"{r['fused_s'] * 1e3:.1f} | {r['grouped_mm_s'] * 1e3:.1f} | "
                               f"{r['grouped_mm_s'] / r['fused_s']:.2f}x | {r['chosen']} |" for r in rows]
                     continue
-                rows, bw = decode_rows(shape, dtype, batches_for(shape), args.reps, gen, progress)
-                ref = bw["reference"]
+                rows, layer_mb = decode_rows(shape, dtype, batches_for(shape), args.reps, gen, progress)
                 for r in rows:
+                    bw, ref = r["bw"], r["bw"]["reference"]
                     lynx_gbps = r["mb"] / 1e3 / r["lynx_s"]
                     ind_gbps = r["mb"] / 1e3 / r["inductor_s"]
                     lines.append(
@@ -246,7 +250,7 @@ def main():
                         f"{r['lynx_s'] * 1e3:.2f} | {lynx_gbps:.1f} | {100 * lynx_gbps / ref:.0f}% | "
                         f"{r['inductor_s'] * 1e3:.2f} | {ind_gbps:.1f} | {100 * ind_gbps / ref:.0f}% | "
                         f"{r['inductor_s'] / r['lynx_s']:.2f}x | {bw['sum_256MB']:.1f} / {bw['layer_weight']:.1f} "
-                        f"({bw['layer_mb']:.0f} MB{', cache-resident' if bw['layer_mb'] <= 256 else ''}) |")
+                        f"({layer_mb:.0f} MB{', cache-resident' if layer_mb <= 256 else ''}) |")
     load_after = os.getloadavg()
     if args.crossover:
         header = [
@@ -257,7 +261,7 @@ def main():
     else:
         header = [
             "| shape | dtype | batch | distinct experts | MB read | lynx path | lynx ms | lynx GB/s | lynx % of streaming | "
-            "Inductor ms | Inductor GB/s | Inductor % of streaming | lynx speed-up | streaming GB/s: 256 MB sum / layer weights (their size) |",
+            "Inductor ms | Inductor GB/s | Inductor % of streaming | lynx speed-up | streaming GB/s around the row: 256 MB sum / layer weights (their size) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         title = "# CPU experts at decode: lynx::grouped_experts vs transformers' grouped_mm path under Inductor"
