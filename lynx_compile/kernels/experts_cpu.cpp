@@ -292,8 +292,8 @@ constexpr int BF16_NB = 8, BF16_RB = 2;  // weight rows x input rows per tile (4
 // The first tile of each chunk asks for the line BF16_AHEAD elements (1 KB) on along each weight
 // row, one per row and step, rather than for the whole next chunk at the chunk's start (the fp32
 // kernel's prefetch_ahead): the later tiles of a chunk read only L1, and memory sat idle under
-// them (benchmarks/cpu_read_pattern.cpp measures what such passes cost). 5-10% faster at 4-32
-// rows on machine C; the fp32 kernel measured no faster this way.
+// them (benchmarks/cpu_read_pattern.cpp measures what such passes cost). 5-7% faster on an OLMoE
+// layer at batch 4-32 on machine C, equal at 1-2; the fp32 kernel measured no faster this way.
 constexpr int64_t BF16_AHEAD = 512;
 
 // PF: also ask for the line at pf[i] + k, one per weight row and step.
