@@ -289,25 +289,16 @@ void axpy_columns(const T* w, int64_t si, const float* const* x, int64_t R, int6
 constexpr int64_t BV = 32;  // bf16 elements per vdpbf16ps
 constexpr int64_t BF16_KC = 1024;  // K chunk: the dot kernel's in bytes
 constexpr int BF16_NB = 8, BF16_RB = 2;  // weight rows x input rows per tile (4x4, 4x6, 16x1: no faster)
-// The first tile of each chunk asks for the line BF16_AHEAD elements (1 KB) on along each weight
-// row, one per row and step, rather than for the whole next chunk at the chunk's start (the fp32
-// kernel's prefetch_ahead): the later tiles of a chunk read only L1, and memory sat idle under
-// them (benchmarks/cpu_read_pattern.cpp measures what such passes cost). 5-7% faster on an OLMoE
-// layer at batch 4-32 on machine C, equal at 1-2; the fp32 kernel measured no faster this way.
-constexpr int64_t BF16_AHEAD = 512;
 
-// PF: also ask for the line at pf[i] + k, one per weight row and step.
-template <int NB, int RB, bool PF = false>
+template <int NB, int RB>
 LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_t* const* x, int64_t k0, int64_t k1,
-                                         float* acc, const uint16_t* const* pf = nullptr) {
+                                         float* acc) {
   __m512 a[RB][NB];
   for (int j = 0; j < RB; j++)
     for (int i = 0; i < NB; i++) a[j][i] = _mm512_loadu_ps(acc + (j * NB + i) * 16);
   for (int64_t k = k0; k < k1; k += BV) {
     __m512i wv[NB];
     for (int i = 0; i < NB; i++) wv[i] = _mm512_loadu_si512(w[i] + k);
-    if constexpr (PF)
-      for (int i = 0; i < NB; i++) _mm_prefetch(reinterpret_cast<const char*>(pf[i] + k), _MM_HINT_T0);
     for (int j = 0; j < RB; j++) {
       const __m512i xv = _mm512_loadu_si512(x[j] + k);
       for (int i = 0; i < NB; i++) a[j][i] = _mm512_dpbf16_ps(a[j][i], (__m512bh)wv[i], (__m512bh)xv);
@@ -317,30 +308,12 @@ LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_
     for (int i = 0; i < NB; i++) _mm512_storeu_ps(acc + (j * NB + i) * 16, a[j][i]);
 }
 
-template <int NB, int RB, bool PF = false>
-LYNX_TARGET_BF16 inline void dpbf16_tail(const uint16_t* const* w, const uint16_t* const* x, int64_t rows, int64_t k0,
-                                         int64_t k1, float* acc, const uint16_t* const* pf = nullptr) {
-  if constexpr (RB >= 1) {
-    if (rows == RB) dpbf16_tile<NB, RB, PF>(w, x, k0, k1, acc, pf);
-    else dpbf16_tail<NB, RB - 1, PF>(w, x, rows, k0, k1, acc, pf);
-  }
-}
-
-// The first tile (rows <= RB) of the chunk [k0, k1), asking for each weight row BF16_AHEAD
-// elements on; past the row's end (kv), for the same row of the next group, NB rows on (past
-// the weights it is harmless: a prefetch never faults).
 template <int NB, int RB>
-LYNX_TARGET_BF16 inline void dpbf16_first_tile(const uint16_t* const* w, const uint16_t* const* x, int64_t rows,
-                                               int64_t k0, int64_t k1, int64_t kv, int64_t so, float* acc) {
-  const int64_t split = std::min(k1, std::max(k0, kv - BF16_AHEAD));
-  const uint16_t* pf[NB];
-  if (split > k0) {
-    for (int i = 0; i < NB; i++) pf[i] = w[i] + BF16_AHEAD;
-    dpbf16_tail<NB, RB, true>(w, x, rows, k0, split, acc, pf);
-  }
-  if (k1 > split) {
-    for (int i = 0; i < NB; i++) pf[i] = w[i] + NB * so + BF16_AHEAD - kv;
-    dpbf16_tail<NB, RB, true>(w, x, rows, split, k1, acc, pf);
+LYNX_TARGET_BF16 inline void dpbf16_tail(const uint16_t* const* w, const uint16_t* const* x, int64_t rows, int64_t k0,
+                                         int64_t k1, float* acc) {
+  if constexpr (RB >= 1) {
+    if (rows == RB) dpbf16_tile<NB, RB>(w, x, k0, k1, acc);
+    else dpbf16_tail<NB, RB - 1>(w, x, rows, k0, k1, acc);
   }
 }
 
@@ -359,8 +332,8 @@ LYNX_TARGET_BF16 void dpbf16_group(const uint16_t* const* w, const uint16_t* con
   std::fill(acc, acc + R * NB * 16, 0.f);
   for (int64_t k0 = 0; k0 < kv; k0 += BF16_KC) {
     const int64_t k1 = std::min(kv, k0 + BF16_KC);
-    int64_t r = std::min<int64_t>(RB, R);
-    dpbf16_first_tile<NB, RB>(w, x, r, k0, k1, kv, so, acc);
+    prefetch_ahead(w, NB, so, k1, kv, BF16_KC);
+    int64_t r = 0;
     for (; r + RB <= R; r += RB) dpbf16_tile<NB, RB>(w, x + r, k0, k1, acc + r * NB * 16);
     if (r < R) dpbf16_tail<NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB * 16);
   }
