@@ -278,9 +278,9 @@ void axpy_columns(const T* w, int64_t si, const float* const* x, int64_t R, int6
 // ---- bf16 dot kernel (si == 1, bf16 weights and inputs, AVX512-BF16) -------------------------
 //
 // vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32 lanes in one instruction: no
-// widening of the weights, so a bf16 expert with many rows stays at the memory limit. Same tiles
-// and the same order per (row, weight row) as the dot kernel, so a row's result still never
-// depends on the other rows. Built with a target attribute (the rest of the file keeps
+// widening of the weights, so a bf16 expert with many rows stays at the memory limit. Each
+// (row, weight row) sum runs in the same order whatever the tile shape, so a row's result still
+// never depends on the other rows. Built with a target attribute (the rest of the file keeps
 // Inductor's ISA); run only where the caller found the instructions (torch's CPU check).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -288,17 +288,24 @@ void axpy_columns(const T* w, int64_t si, const float* const* x, int64_t R, int6
 #define LYNX_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 constexpr int64_t BV = 32;  // bf16 elements per vdpbf16ps
 constexpr int64_t BF16_KC = 1024;  // K chunk: the dot kernel's in bytes
-constexpr int BF16_NB = 8, BF16_RB = 2;  // weight rows x input rows per tile (4x4, 4x6, 16x1: no faster)
+// Weight rows x input rows per tile: 8x2, and 4x6 from BF16_WIDE_ROWS rows per expert on (its
+// fewer loads per vdpbf16ps pay where an expert's rows, not memory, bound the time).
+constexpr int BF16_NB = 8, BF16_RB = 2, BF16_WIDE_NB = 4, BF16_WIDE_RB = 6, BF16_WIDE_ROWS = 5;
 
+// With every step the tile also asks for the line at pf[i] + k for its npf rows: the next chunk,
+// shared out among the chunk's tiles (dpbf16_group), so that memory keeps streaming while the
+// later tiles re-read the chunk from L1 (asked for all at once, or by the first tile alone, it
+// sat idle under them; benchmarks/cpu_read_pattern.cpp, experts_cpu_ab.sh).
 template <int NB, int RB>
 LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_t* const* x, int64_t k0, int64_t k1,
-                                         float* acc) {
+                                         float* acc, const uint16_t* const* pf, int npf) {
   __m512 a[RB][NB];
   for (int j = 0; j < RB; j++)
     for (int i = 0; i < NB; i++) a[j][i] = _mm512_loadu_ps(acc + (j * NB + i) * 16);
   for (int64_t k = k0; k < k1; k += BV) {
     __m512i wv[NB];
     for (int i = 0; i < NB; i++) wv[i] = _mm512_loadu_si512(w[i] + k);
+    for (int i = 0; i < npf; i++) _mm_prefetch(reinterpret_cast<const char*>(pf[i] + k), _MM_HINT_T0);
     for (int j = 0; j < RB; j++) {
       const __m512i xv = _mm512_loadu_si512(x[j] + k);
       for (int i = 0; i < NB; i++) a[j][i] = _mm512_dpbf16_ps(a[j][i], (__m512bh)wv[i], (__m512bh)xv);
@@ -308,12 +315,13 @@ LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_
     for (int i = 0; i < NB; i++) _mm512_storeu_ps(acc + (j * NB + i) * 16, a[j][i]);
 }
 
+// One tile of exactly `rows` (1..RB) input rows.
 template <int NB, int RB>
-LYNX_TARGET_BF16 inline void dpbf16_tail(const uint16_t* const* w, const uint16_t* const* x, int64_t rows, int64_t k0,
-                                         int64_t k1, float* acc) {
+LYNX_TARGET_BF16 inline void dpbf16_rows(const uint16_t* const* w, const uint16_t* const* x, int64_t rows, int64_t k0,
+                                         int64_t k1, float* acc, const uint16_t* const* pf, int npf) {
   if constexpr (RB >= 1) {
-    if (rows == RB) dpbf16_tile<NB, RB>(w, x, k0, k1, acc);
-    else dpbf16_tail<NB, RB - 1>(w, x, rows, k0, k1, acc);
+    if (rows == RB) dpbf16_tile<NB, RB>(w, x, k0, k1, acc, pf, npf);
+    else dpbf16_rows<NB, RB - 1>(w, x, rows, k0, k1, acc, pf, npf);
   }
 }
 
@@ -330,12 +338,24 @@ LYNX_TARGET_BF16 void dpbf16_group(const uint16_t* const* w, const uint16_t* con
                                    float* acc, float* out, int64_t ldo, int64_t so) {
   const int64_t kv = K - K % BV;
   std::fill(acc, acc + R * NB * 16, 0.f);
+  const int64_t tiles = (R + RB - 1) / RB;
   for (int64_t k0 = 0; k0 < kv; k0 += BF16_KC) {
     const int64_t k1 = std::min(kv, k0 + BF16_KC);
-    prefetch_ahead(w, NB, so, k1, kv, BF16_KC);
-    int64_t r = 0;
-    for (; r + RB <= R; r += RB) dpbf16_tile<NB, RB>(w, x + r, k0, k1, acc + r * NB * 16);
-    if (r < R) dpbf16_tail<NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB * 16);
+    if (tiles == 1) {  // no L1 passes to hide memory under: asked for at once, as the fp32 kernel does
+      prefetch_ahead(w, NB, so, k1, kv, BF16_KC);
+      dpbf16_rows<NB, RB>(w, x, R, k0, k1, acc, nullptr, 0);
+      continue;
+    }
+    // the next chunk of the NB rows (after the last: the next NB rows' first; past the weights it
+    // is harmless, a prefetch never faults), indexed by this chunk's k; tile t asks for rows
+    // [t * NB / tiles, (t + 1) * NB / tiles) of it
+    const uint16_t* next[NB];
+    for (int i = 0; i < NB; i++) next[i] = (k1 < kv ? w[i] + k1 : w[i] + NB * so) - k0;
+    for (int64_t t = 0; t < tiles; t++) {
+      const int64_t r = t * RB, lo = t * NB / tiles, hi = (t + 1) * NB / tiles;
+      dpbf16_rows<NB, RB>(w, x + r, std::min<int64_t>(RB, R - r), k0, k1, acc + r * NB * 16, next + lo,
+                          static_cast<int>(hi - lo));
+    }
   }
   for (int64_t r = 0; r < R; r++)
     for (int i = 0; i < NB; i++) {
@@ -373,8 +393,10 @@ void project(const Mat& m, int64_t e, int64_t K, int64_t c0, int64_t nc, const f
     if (xb != nullptr && m.si == 1) {
       acc.bf16_dot.resize(std::max<size_t>(acc.bf16_dot.size(), R * BF16_NB * 16));
       const uint16_t* wb = reinterpret_cast<const uint16_t*>(base);
-      if (R == 1) dpbf16_columns<BF16_NB, 1>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
-      else dpbf16_columns<BF16_NB, BF16_RB>(wb, m.so, K, c0, nc, xb, R, out, ldo, acc.bf16_dot.data());
+      float* scratch = acc.bf16_dot.data();
+      if (R == 1) dpbf16_columns<BF16_NB, 1>(wb, m.so, K, c0, nc, xb, R, out, ldo, scratch);
+      else if (R < BF16_WIDE_ROWS) dpbf16_columns<BF16_NB, BF16_RB>(wb, m.so, K, c0, nc, xb, R, out, ldo, scratch);
+      else dpbf16_columns<BF16_WIDE_NB, BF16_WIDE_RB>(wb, m.so, K, c0, nc, xb, R, out, ldo, scratch);
       return;
     }
   }
