@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and run benchmarks/experts_cpu_ab.cpp over builds of the CPU experts kernel.
-#   bash benchmarks/experts_cpu_ab.sh fp32|bf16 NAME=SOURCE.cpp [NAME=SOURCE.cpp ...]
+#   bash benchmarks/experts_cpu_ab.sh fp32|bf16|bf16-widened NAME=SOURCE.cpp [NAME=SOURCE.cpp ...]
 # e.g. git show HEAD~3:lynx_compile/kernels/experts_cpu.cpp > /tmp/old.cpp, then
 #   bash benchmarks/experts_cpu_ab.sh bf16 old=/tmp/old.cpp new=lynx_compile/kernels/experts_cpu.cpp
 # Env: ROUNDS (default 9), BATCHES (default "1 4 16 32"), ISA (default: -march=native with
