@@ -118,9 +118,8 @@ struct Scratch {  // a thread's accumulators, kept across calls
 // ---- dot kernel (si == 1) -------------------------------------------------------------------
 
 // The next K chunk of the n weight rows (after the last one: the first chunk of the n rows that
-// follow, so apart), asked for while this one is computed: with several rows per expert the
-// arithmetic would otherwise wait for memory, and memory for the arithmetic. A prefetch past
-// the weights is harmless (it never faults).
+// follow, so apart), asked for at once while this one is computed by a single tile. A prefetch
+// past the weights is harmless (it never faults).
 template <typename T>
 inline void prefetch_ahead(const T* const* w, int n, int64_t so, int64_t k1, int64_t kv, int64_t chunk) {
   constexpr int64_t line = 64 / sizeof(T);
@@ -129,14 +128,32 @@ inline void prefetch_ahead(const T* const* w, int n, int64_t so, int64_t k1, int
     for (int64_t k = from; k < to; k += line) __builtin_prefetch(w[i] + shift + k, 0, 0);
 }
 
+// Where an expert has rows for several tiles, each chunk's later tiles re-read it from L1, and
+// memory sat idle under them when the next chunk was asked for at once (benchmarks/
+// cpu_read_pattern.cpp, experts_cpu_ab.sh). Instead the chunk's tiles share the next chunk's rows
+// out, each asking for one line per row and step: next[i] + k is the line of row i the step at k
+// asks for (the next chunk of the row; after its last, the first chunk of the row n on, as in
+// prefetch_ahead), and tile t of `tiles` takes rows [share(t), share(t + 1)).
+template <typename T>
+inline void next_chunk(const T* const* w, int n, int64_t so, int64_t k0, int64_t k1, int64_t kv, const T** next) {
+  for (int i = 0; i < n; i++) next[i] = (k1 < kv ? w[i] + k1 : w[i] + n * so) - k0;
+}
+
+inline int share(int64_t t, int64_t tiles, int n) { return static_cast<int>(t * n / tiles); }
+
+// pf, npf: the rows of the next chunk this tile asks for (next_chunk), one line each per 64 bytes.
 template <typename T, int NB, int RB>
-inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64_t k1, fVec* acc) {
+inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64_t k1, fVec* acc,
+                     const T* const* pf, int npf) {
+  constexpr int64_t line = 64 / sizeof(T);  // a multiple of V; chunks start on one
   fVec a[RB][NB];
   for (int j = 0; j < RB; j++)
     for (int i = 0; i < NB; i++) a[j][i] = acc[j * NB + i];
   for (int64_t k = k0; k < k1; k += V) {
     fVec wv[NB];
     for (int i = 0; i < NB; i++) wv[i] = load_f<T>(w[i] + k);
+    if (k % line == 0)
+      for (int i = 0; i < npf; i++) __builtin_prefetch(pf[i] + k, 0, 3);
     for (int j = 0; j < RB; j++) {
       fVec xv = fVec::loadu(x[j] + k);
       for (int i = 0; i < NB; i++) a[j][i] = at::vec::fmadd(wv[i], xv, a[j][i]);
@@ -146,12 +163,13 @@ inline void dot_tile(const T* const* w, const float* const* x, int64_t k0, int64
     for (int i = 0; i < NB; i++) acc[j * NB + i] = a[j][i];
 }
 
-// The last rows < RB of an expert: one tile of exactly that many rows.
+// One tile of exactly `rows` (1..RB) input rows.
 template <typename T, int NB, int RB>
-inline void dot_tail(const T* const* w, const float* const* x, int64_t rows, int64_t k0, int64_t k1, fVec* acc) {
+inline void dot_rows(const T* const* w, const float* const* x, int64_t rows, int64_t k0, int64_t k1, fVec* acc,
+                     const T* const* pf, int npf) {
   if constexpr (RB >= 1) {
-    if (rows == RB) dot_tile<T, NB, RB>(w, x, k0, k1, acc);
-    else dot_tail<T, NB, RB - 1>(w, x, rows, k0, k1, acc);
+    if (rows == RB) dot_tile<T, NB, RB>(w, x, k0, k1, acc, pf, npf);
+    else dot_rows<T, NB, RB - 1>(w, x, rows, k0, k1, acc, pf, npf);
   }
 }
 
@@ -182,12 +200,21 @@ void dot_group(const T* const* w, const float* const* x, int64_t R, int64_t K, s
   acc_buf.resize(std::max<size_t>(acc_buf.size(), R * NB));
   fVec* acc = acc_buf.data();
   std::fill(acc, acc + R * NB, fVec(0.f));
+  const int64_t tiles = (R + RB - 1) / RB;
   for (int64_t k0 = 0; k0 < kv; k0 += DOT_KC) {
     const int64_t k1 = std::min(kv, k0 + DOT_KC);
-    prefetch_ahead(w, NB, so, k1, kv, DOT_KC);
-    int64_t r = 0;
-    for (; r + RB <= R; r += RB) dot_tile<T, NB, RB>(w, x + r, k0, k1, acc + r * NB);
-    if (r < R) dot_tail<T, NB, RB - 1>(w, x + r, R - r, k0, k1, acc + r * NB);
+    if (tiles == 1) {  // no L1 passes to hide memory under
+      prefetch_ahead(w, NB, so, k1, kv, DOT_KC);
+      dot_rows<T, NB, RB>(w, x, R, k0, k1, acc, nullptr, 0);
+      continue;
+    }
+    const T* next[NB];
+    next_chunk(w, NB, so, k0, k1, kv, next);
+    for (int64_t t = 0; t < tiles; t++) {
+      const int64_t r = t * RB;
+      const int lo = share(t, tiles, NB), hi = share(t + 1, tiles, NB);
+      dot_rows<T, NB, RB>(w, x + r, std::min<int64_t>(RB, R - r), k0, k1, acc + r * NB, next + lo, hi - lo);
+    }
   }
   // acc holds, for each tile of rows [r, r + rb), rb x NB accumulators in row-major order:
   // the accumulator of (row r + j, weight row i) is acc[(r + j) * NB + i] either way.
@@ -292,10 +319,7 @@ constexpr int64_t BF16_KC = 1024;  // K chunk: the dot kernel's in bytes
 // fewer loads per vdpbf16ps pay where an expert's rows, not memory, bound the time).
 constexpr int BF16_NB = 8, BF16_RB = 2, BF16_WIDE_NB = 4, BF16_WIDE_RB = 6, BF16_WIDE_ROWS = 5;
 
-// With every step the tile also asks for the line at pf[i] + k for its npf rows: the next chunk,
-// shared out among the chunk's tiles (dpbf16_group), so that memory keeps streaming while the
-// later tiles re-read the chunk from L1 (asked for all at once, or by the first tile alone, it
-// sat idle under them; benchmarks/cpu_read_pattern.cpp, experts_cpu_ab.sh).
+// pf, npf: the rows of the next chunk this tile asks for (next_chunk), one line each per step.
 template <int NB, int RB>
 LYNX_TARGET_BF16 inline void dpbf16_tile(const uint16_t* const* w, const uint16_t* const* x, int64_t k0, int64_t k1,
                                          float* acc, const uint16_t* const* pf, int npf) {
@@ -341,20 +365,17 @@ LYNX_TARGET_BF16 void dpbf16_group(const uint16_t* const* w, const uint16_t* con
   const int64_t tiles = (R + RB - 1) / RB;
   for (int64_t k0 = 0; k0 < kv; k0 += BF16_KC) {
     const int64_t k1 = std::min(kv, k0 + BF16_KC);
-    if (tiles == 1) {  // no L1 passes to hide memory under: asked for at once, as the fp32 kernel does
+    if (tiles == 1) {  // no L1 passes to hide memory under
       prefetch_ahead(w, NB, so, k1, kv, BF16_KC);
       dpbf16_rows<NB, RB>(w, x, R, k0, k1, acc, nullptr, 0);
       continue;
     }
-    // the next chunk of the NB rows (after the last: the next NB rows' first; past the weights it
-    // is harmless, a prefetch never faults), indexed by this chunk's k; tile t asks for rows
-    // [t * NB / tiles, (t + 1) * NB / tiles) of it
     const uint16_t* next[NB];
-    for (int i = 0; i < NB; i++) next[i] = (k1 < kv ? w[i] + k1 : w[i] + NB * so) - k0;
+    next_chunk(w, NB, so, k0, k1, kv, next);
     for (int64_t t = 0; t < tiles; t++) {
-      const int64_t r = t * RB, lo = t * NB / tiles, hi = (t + 1) * NB / tiles;
-      dpbf16_rows<NB, RB>(w, x + r, std::min<int64_t>(RB, R - r), k0, k1, acc + r * NB * 16, next + lo,
-                          static_cast<int>(hi - lo));
+      const int64_t r = t * RB;
+      const int lo = share(t, tiles, NB), hi = share(t + 1, tiles, NB);
+      dpbf16_rows<NB, RB>(w, x + r, std::min<int64_t>(RB, R - r), k0, k1, acc + r * NB * 16, next + lo, hi - lo);
     }
   }
   for (int64_t r = 0; r < R; r++)
