@@ -20,7 +20,8 @@
 // - nn.Linear layout (si == 1), "dot" kernel: each output column is a dot product along a
 //   contiguous weight row; tiles of NB weight rows x RB input rows of vector accumulators,
 //   reduced across lanes at the end; K walked in chunks that keep the weight rows' chunk and the
-//   input rows in L1 while every input row of the expert passes over them.
+//   input rows in L1 while every input row of the expert passes over them, the tiles of a chunk
+//   asking for the next chunk's lines as they go (so that memory streams under the L1 passes).
 // - transposed layouts (so == 1), "axpy" kernel: each input element scales a contiguous weight
 //   row segment; KB weight rows at a time, used by every input row while in L1, into fp32 sums
 //   held in a per-thread buffer.
