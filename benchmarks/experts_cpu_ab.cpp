@@ -53,6 +53,8 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];  // bf16-widened: bf16 weights on the fp32 dot kernel
   const bool bf16 = mode == "bf16" || mode == "bf16-widened", bf16_dot = mode == "bf16";
   const int rounds = std::atoi(argv[2]);
+  // AB_ROUTING=uniform: every expert gets the same number of rows (T * k / E), not skewed routing
+  const bool uniform = std::getenv("AB_ROUTING") && std::string(std::getenv("AB_ROUTING")) == "uniform";
   std::vector<int> batches;
   for (int i = 3; i < argc; i++) batches.push_back(std::atoi(argv[i]));
   if (batches.empty()) batches = {1, 4, 16, 32};
@@ -84,7 +86,7 @@ int main(int argc, char** argv) {
       std::vector<std::pair<float, int>> logits(E);
       for (int e = 0; e < E; e++) logits[e] = {popularity[e] + normal(rng) * 1.5f, e};
       std::partial_sort(logits.begin(), logits.begin() + k, logits.end(), std::greater<>());
-      for (int j = 0; j < k; j++) ids[t * k + j] = logits[j].second;
+      for (int j = 0; j < k; j++) ids[t * k + j] = uniform ? (t * k + j) % E : logits[j].second;
     }
     std::vector<int64_t> distinct(ids);
     std::sort(distinct.begin(), distinct.end());
