@@ -7,7 +7,7 @@
 //     vdpbf16ps (passes 2.. hit L1: the kernel's tiles of 2 input rows at 4 or 6 rows per expert).
 // If the passes cost only their arithmetic, GB/s would hold until the dot products run out.
 //
-//   g++ -O3 -march=native -fopenmp benchmarks/cpu_read_pattern.cpp -o /tmp/cpu_read_pattern && /tmp/cpu_read_pattern
+//   g++ -O3 -march=native -fopenmp benchmarks/cpu_read_pattern.cpp -o cpu_read_pattern && ./cpu_read_pattern
 #include <immintrin.h>
 #include <omp.h>
 

@@ -22,7 +22,7 @@ Streaming bandwidth = the larger of two plain reads, each timed 3 times just bef
 just after the row's calls (medians): the sum of a 256 MB fp32 tensor, and the layer's own gate_up
 weights read as integers (max), the same memory the experts kernels stream (for a layer that fits
 in cache, the 256 MB sum alone). Per row, because a shared host's bandwidth moves within minutes
-(between 30 and 66 GB/s on one machine here); not between the timed calls, because the calls
+(between 30 and 67 GB/s on one machine here); not between the timed calls, because the calls
 right after a 256 MB read run cold.
 "% of streaming" = (bytes read / median call time) / that row's bandwidth.
 Other processes on the machine lower every number; the load average is printed with the table.

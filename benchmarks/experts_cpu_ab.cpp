@@ -6,7 +6,7 @@
 // build whose output differs from the first build's is reported (bitwise: the kernel's results
 // do not depend on its tiling or prefetching).
 //
-//   bash benchmarks/experts_cpu_ab.sh bf16 old=/tmp/old.cpp new=lynx_compile/kernels/experts_cpu.cpp
+//   bash benchmarks/experts_cpu_ab.sh bf16 old=OLD.cpp new=lynx_compile/kernels/experts_cpu.cpp
 //
 // The driver writes the builds' #include list (each source in its own namespace) and compiles
 // this file with torch's headers; see experts_cpu_ab.sh.

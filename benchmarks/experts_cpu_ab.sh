@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build and run benchmarks/experts_cpu_ab.cpp over builds of the CPU experts kernel.
 #   bash benchmarks/experts_cpu_ab.sh fp32|bf16|bf16-widened NAME=SOURCE.cpp [NAME=SOURCE.cpp ...]
-# e.g. git show HEAD~3:lynx_compile/kernels/experts_cpu.cpp > /tmp/old.cpp, then
-#   bash benchmarks/experts_cpu_ab.sh bf16 old=/tmp/old.cpp new=lynx_compile/kernels/experts_cpu.cpp
+# e.g. old=$(mktemp --suffix=.cpp); git show HEAD~3:lynx_compile/kernels/experts_cpu.cpp > "$old"; then
+#   bash benchmarks/experts_cpu_ab.sh bf16 old="$old" new=lynx_compile/kernels/experts_cpu.cpp
 # Env: ROUNDS (default 9), BATCHES (default "1 4 16 32"), AB_ROUTING=uniform (the same rows for
 # every expert instead of skewed routing), ISA (default: -march=native with
 # Inductor's AVX512 or AVX2 macro, as this CPU has; e.g. ISA="-mavx2 -mfma -mf16c -DCPU_CAPABILITY_AVX2").
